@@ -1,0 +1,1 @@
+"""flaxseg: classic semantic segmentation in JAX/Flax."""

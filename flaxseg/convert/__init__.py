@@ -1,0 +1,1 @@
+"""flaxseg.convert package."""

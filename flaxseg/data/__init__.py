@@ -1,0 +1,1 @@
+"""flaxseg.data package."""
