@@ -1,0 +1,83 @@
+"""DeepLab v3 on PASCAL VOC 2012 (Chen et al., arXiv:1706.05587).
+
+Paper recipe (sec. 4 and 4.1): ResNet-101 with multi-grid (1, 2, 4) on block4,
+output stride 16 in training, ASPP rates (6, 12, 18) with image-level
+pooling, crop 513x513, batch 16, SGD momentum 0.9, initial LR 0.007 with the
+poly policy (power 0.9), 30k iterations, weight decay 1e-4, BatchNorm decay
+0.9997, trained on the augmented set (train_aug, 10,582 images), evaluated on
+VOC 2012 val.
+
+  python train.py --config=configs/deeplabv3.py --workdir=runs/deeplabv3 \
+      --config.data.root=/data/VOCdevkit/VOC2012 \
+      --config.data.sbd_root=/data/benchmark_RELEASE/dataset
+
+Variants (``configs/deeplabv3.py:NAME``):
+  demo  DeepLab v3 (atrous ResNet, ASPP with image pooling, bilinear
+        upsampling) with a narrow ResNet-18 on the bundled synthetic
+        VOC-format set, sized for a 2-core CPU (``make demo``).
+  tiny  a few steps on tiny images, for tests.
+"""
+
+from flaxseg.config import default_config
+
+
+def get_config(arg=None):
+  """Returns the config for variant ``arg`` (None: the paper recipe)."""
+  c = default_config()
+  c.model.name = 'deeplabv3_resnet101'
+  c.model.output_stride = 16
+  c.model.multi_grid = (1, 2, 4)
+  c.model.bn_momentum = 0.9997
+  c.data.train_split = 'train_aug'
+  c.data.eval_split = 'val'
+  c.data.crop_size = 513
+  c.data.batch_size = 16
+  c.optim.lr = 0.007
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'poly'
+  c.optim.poly_power = 0.9
+  c.train.num_steps = 30000
+  if arg in (None, '', 'paper'):
+    return c
+  if arg in ('demo', 'tiny'):
+    c.data.dataset = 'synthetic'
+    c.data.num_classes = 7
+    c.data.train_split = 'train'
+    c.model.name = 'deeplabv3_resnet18'
+    c.model.base_width = 16
+    c.model.aspp_width = 64
+    c.model.output_stride = 8
+    c.model.bn_momentum = 0.9
+    c.model.aspp_dropout = 0.0
+    c.data.crop_size = 97
+    c.data.scale_range = (0.75, 1.25)
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 8
+    c.data.eval_pad_size = 160
+    c.optim.lr = 0.02
+    c.train.num_steps = 1500
+    c.train.log_every_steps = 50
+    c.eval.every_steps = 500
+    c.checkpoint.every_steps = 500
+  if arg == 'tiny':
+    c.model.base_width = 8
+    c.model.aspp_width = 16
+    c.data.synthetic.num_train = 16
+    c.data.synthetic.num_val = 8
+    c.data.synthetic.min_size = 48
+    c.data.synthetic.max_size = 64
+    c.data.crop_size = 33
+    c.data.eval_pad_size = 64
+    c.data.batch_size = 4
+    c.data.eval_batch_size = 4
+    c.train.num_steps = 4
+    c.train.log_every_steps = 2
+    c.eval.every_steps = 0
+    c.eval.num_visualize = 2
+    c.checkpoint.every_steps = 2
+    return c
+  if arg != 'demo':
+    raise ValueError(f'configs/deeplabv3.py: unknown variant {arg!r} '
+                     "(expected 'demo' or 'tiny')")
+  return c

@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the training state, with a metadata record.
+
+Each checkpoint step directory holds two Orbax items:
+
+* ``state``: the arrays of ``TrainState.checkpoint_tree()`` (step, params,
+  batch_stats, opt_state), saved with ``StandardSave``;
+* ``meta``: JSON describing what produced them: the model section of the
+  config, the number of classes, and the data-stream position (seed, global
+  batch size, examples consumed). Because the training stream is a pure
+  function of ``(seed, step)`` (see ``flaxseg.data.pipeline``), the step and
+  these two numbers are all it takes to continue the stream exactly.
+
+Restoring checks ``meta`` against the current run before touching the arrays,
+so a checkpoint from a different model fails with a message naming the keys
+that differ, and nothing on disk is modified by a failed restore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into the current run."""
+
+
+def _diff(saved: Dict[str, Any], current: Dict[str, Any], prefix: str):
+  keys = sorted(set(saved) | set(current))
+  out = []
+  for k in keys:
+    a, b = saved.get(k, '<absent>'), current.get(k, '<absent>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f'{prefix}{k}.')
+    elif _normalise(a) != _normalise(b):
+      out.append(f'{prefix}{k}: checkpoint has {a!r}, config has {b!r}')
+  return out
+
+
+def _normalise(v):
+  return list(v) if isinstance(v, tuple) else v
+
+
+class Checkpoints:
+  """A thin wrapper over ``ocp.CheckpointManager``.
+
+  Args:
+    directory: where step directories live (made absolute).
+    max_to_keep: how many recent checkpoints to keep.
+    async_save: write in a background thread (call ``wait`` before exit).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, tree: Any, meta: Dict[str, Any],
+           force: bool = True) -> bool:
+    """Saves ``tree`` (host or device arrays) and ``meta`` at ``step``."""
+    return self.manager.save(
+        int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def read_meta(self, step: Optional[int] = None) -> Dict[str, Any]:
+    """The metadata record of ``step`` (default: latest)."""
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored['meta'])
+
+  def restore(self, target: Any, expected_meta: Dict[str, Any],
+              step: Optional[int] = None,
+              check_keys: Tuple[str, ...] = ('model', 'num_classes')
+              ) -> Tuple[Any, Dict[str, Any]]:
+    """Restores the arrays of ``step`` shaped like ``target``.
+
+    Args:
+      target: a tree with the structure, shapes and dtypes to restore into
+        (e.g. a freshly initialised ``checkpoint_tree()``).
+      expected_meta: the current run's metadata; the ``check_keys`` entries
+        must equal the checkpoint's.
+      step: which step (default: latest).
+      check_keys: meta entries that must match.
+
+    Returns:
+      ``(tree, meta)``.
+
+    Raises:
+      CheckpointError: naming the checkpoint and what does not match.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    where = os.path.join(self.directory, str(step))
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint {where}: cannot read its metadata ({e})') from e
+    problems = _diff({k: meta.get(k, '<absent>') for k in check_keys},
+                     {k: expected_meta.get(k, '<absent>') for k in check_keys},
+                     '')
+    if problems:
+      raise CheckpointError(
+          f'checkpoint {where} was written by a different model/config:\n  '
+          + '\n  '.join(problems) +
+          '\nUse another --workdir, or restore the matching config.')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+              abstract)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint {where} does not fit the current model: {e}') from e
+    return restored['state'], meta
+
+  def wait(self):
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,112 @@
+"""The configuration schema: every key the trainer reads, with its default.
+
+Recipe files in ``configs/`` start from ``default_config()`` and change
+values; ``validate_config`` rejects any key the trainer does not know (a typo
+in a recipe would otherwise be silently ignored), naming it. The ``model``
+section is free-form: its keys are keyword arguments of the model constructor,
+which rejects unknown ones itself (``flaxseg.models.create_model``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All trainer keys with neutral defaults (the DeepLab v3 recipe values)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # 'pmap' (default) or 'shard_map': see flaxseg.train.parallel.
+  c.parallel = 'pmap'
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'deeplabv3_resnet101'
+  c.model.dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  # 'voc' reads data.root (+ data.sbd_root for train_aug); 'synthetic'
+  # generates a VOC-format tree into data.root (default: WORKDIR/synthetic_voc)
+  # and reads it with the same VOC reader.
+  c.data.dataset = 'voc'
+  c.data.root = ''
+  c.data.sbd_root = ''
+  c.data.num_classes = 21
+  c.data.train_split = 'train_aug'
+  c.data.eval_split = 'val'
+  c.data.batch_size = 16          # global, over all devices and processes
+  c.data.crop_size = 513
+  c.data.scale_range = (0.5, 2.0)
+  c.data.flip = True
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.data.eval_batch_size = 8
+  c.data.eval_pad_size = 512      # VOC images are at most 500x500
+  c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+  c.data.prefetch_to_device = 2
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_train = 400
+  c.data.synthetic.num_val = 100
+  c.data.synthetic.min_size = 96
+  c.data.synthetic.max_size = 160
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'
+  c.optim.lr = 0.007
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'poly'
+  c.optim.poly_power = 0.9
+  c.optim.end_lr = 0.0
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip_norm = 0.0
+  c.optim.lr_multipliers = ml_collections.ConfigDict()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 30000
+  c.train.aux_loss_weight = 0.0
+  c.train.normalize_loss = True
+  c.train.log_every_steps = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 2000       # 0: only at the end
+  c.eval.num_images = -1          # -1: the whole split
+  c.eval.num_visualize = 8        # prediction pictures written per eval
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+  return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming every key the trainer would not read.
+
+  Args:
+    config: a full run config.
+  """
+  reference = default_config()
+  unknown = []
+
+  def walk(cfg, ref, prefix):
+    for key in cfg.keys():
+      path = f'{prefix}{key}'
+      if path in ('model', 'optim.lr_multipliers'):
+        continue  # free-form sections
+      if key not in ref:
+        unknown.append(path)
+      elif isinstance(ref[key], ml_collections.ConfigDict):
+        if not isinstance(cfg[key], (dict, ml_collections.ConfigDict)):
+          unknown.append(f'{path} (should be a section)')
+        else:
+          walk(cfg[key], ref[key], path + '.')
+  walk(config, reference, '')
+  if 'name' not in config.get('model', {}):
+    unknown.append('model.name (missing)')
+  if unknown:
+    raise ValueError('unknown or malformed config keys: ' +
+                     ', '.join(f'config.{k}' for k in unknown))
