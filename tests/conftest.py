@@ -1,0 +1,81 @@
+"""Shared pytest fixtures: tiny synthetic VOC / SBD trees, generated once.
+
+Session-scoped trees are shared by every test, so tests must not modify them;
+a test that corrupts files takes ``voc_copy`` (a private copy per test).
+
+Fixtures:
+  voc_root: VOC2012 directory of a plain VOC tree (8 train, 4 val images).
+  sbd_tree: a :class:`SyntheticTree` with VOC + SBD (no SegmentationClassAug).
+  sbd_aug_tree: a :class:`SyntheticTree` with VOC + SBD + SegmentationClassAug.
+  voc_copy: VOC2012 directory of a fresh, writable copy of the ``voc_root`` tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+
+from flaxseg.data import synthetic
+
+#: Sizes of the shared trees; small so each generates in well under a second.
+NUM_TRAIN = 8
+NUM_VAL = 4
+NUM_SBD_EXTRA = 4
+IMAGE_SIZE = (40, 72)
+NUM_CLASSES = synthetic.NUM_SYNTH_CLASSES
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTree:
+  """Paths and sizes of a generated tree."""
+  root: str          # Parent of VOCdevkit/ and benchmark_RELEASE/.
+  voc_root: str      # .../VOCdevkit/VOC2012
+  sbd_root: str      # .../benchmark_RELEASE/dataset
+  num_train: int
+  num_val: int
+  num_sbd_extra: int
+  num_classes: int
+
+
+def _make_tree(root, **kwargs) -> SyntheticTree:
+  voc_root = synthetic.generate_voc_tree(
+      str(root), num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0,
+      image_size=IMAGE_SIZE, num_sbd_extra=NUM_SBD_EXTRA, **kwargs)
+  return SyntheticTree(str(root), voc_root,
+                       os.path.join(str(root), synthetic.SBD_SUBDIR),
+                       NUM_TRAIN, NUM_VAL, NUM_SBD_EXTRA, NUM_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def voc_tree(tmp_path_factory) -> SyntheticTree:
+  """A plain VOC tree (no SBD)."""
+  return _make_tree(tmp_path_factory.mktemp("voc"))
+
+
+@pytest.fixture(scope="session")
+def voc_root(voc_tree) -> str:
+  """The VOC2012 directory of the shared plain VOC tree (read-only)."""
+  return voc_tree.voc_root
+
+
+@pytest.fixture(scope="session")
+def sbd_tree(tmp_path_factory) -> SyntheticTree:
+  """VOC + SBD, labels for train_aug from SBD .mat files."""
+  return _make_tree(tmp_path_factory.mktemp("voc_sbd"), with_sbd=True)
+
+
+@pytest.fixture(scope="session")
+def sbd_aug_tree(tmp_path_factory) -> SyntheticTree:
+  """VOC + SBD + SegmentationClassAug."""
+  return _make_tree(tmp_path_factory.mktemp("voc_sbd_aug"), with_sbd=True,
+                    with_aug=True)
+
+
+@pytest.fixture
+def voc_copy(voc_tree, tmp_path) -> str:
+  """VOC2012 directory of a private, writable copy of the plain VOC tree."""
+  shutil.copytree(voc_tree.root, tmp_path / "copy")
+  return os.path.join(str(tmp_path / "copy"), "VOCdevkit", "VOC2012")

@@ -1,0 +1,173 @@
+"""Tests for flaxseg.models.resnet: layout, strides, dilation, names.
+
+Shapes and configurations are checked with `jax.eval_shape` (tracing only), so
+even ResNet-101 costs no compute.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flaxseg.models import layers
+from flaxseg.models import resnet
+
+
+def _abstract_init(model, size=(1, 64, 64, 3)):
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(size))
+
+
+def _num_params(variables):
+  return sum(x.size for x in jax.tree.leaves(variables['params']))
+
+
+def _conv_calls(model, size):
+  """Records each nn.Conv: path -> (strides, dilation, out shape, init)."""
+  records = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    mod = context.module
+    if isinstance(mod, nn.Conv) and context.method_name == '__call__':
+      as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+      records['/'.join(mod.path)] = (as_pair(mod.strides),
+                                     as_pair(mod.kernel_dilation), out.shape,
+                                     mod.kernel_init)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    _abstract_init(model, size)
+  return records
+
+
+# torchvision resnet*(num_classes=1000) counts minus the fc layer.
+@pytest.mark.parametrize('depth,count', [
+    (18, 11_689_512 - 513_000),
+    (34, 21_797_672 - 513_000),
+    (50, 25_557_032 - 2_049_000),
+    (101, 44_549_160 - 2_049_000),
+    (152, 60_192_808 - 2_049_000),
+])
+def test_param_counts_match_torchvision(depth, count):
+  assert _num_params(_abstract_init(resnet.ResNet(depth=depth))) == count
+
+
+def test_parameter_names_follow_torchvision():
+  params = _abstract_init(resnet.ResNet(depth=50))['params']
+  assert set(params) == {'conv1', 'bn1'} | {
+      f'layer{s + 1}_block{i}' for s, n in enumerate((3, 4, 6, 3))
+      for i in range(n)}
+  assert set(params['layer1_block0']) == {
+      'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'downsample_conv',
+      'downsample_bn'}
+  assert 'downsample_conv' not in params['layer1_block1']
+  assert set(params['layer1_block0']['bn1']) == {'scale', 'bias'}
+  assert params['layer3_block5']['conv2']['kernel'].shape == (3, 3, 256, 256)
+  basic = _abstract_init(resnet.ResNet(depth=18))['params']
+  # BasicBlock: no projection in layer1 (64 -> 64), one in later stages.
+  assert set(basic['layer1_block0']) == {'conv1', 'bn1', 'conv2', 'bn2'}
+  assert 'downsample_conv' in basic['layer2_block0']
+
+
+@pytest.mark.parametrize('output_stride', [8, 16, 32])
+def test_feature_shapes(output_stride):
+  # 257 x 321 follows torch's floor((n + 2p - k) / s) + 1 arithmetic:
+  # stem 129x161, layer1 65x81, layer2 33x41, then 17x21, 9x11 unless dilated.
+  out = jax.eval_shape(
+      resnet.ResNet(depth=50, output_stride=output_stride).init_with_output,
+      jax.random.key(0), jnp.zeros((2, 257, 321, 3)))[0]
+  sizes = {4: (65, 81), 8: (33, 41), 16: (17, 21), 32: (9, 11)}
+  assert out['stem'].shape == (2, 129, 161, 64)
+  assert out['layer1'].shape == (2, *sizes[4], 256)
+  assert out['layer2'].shape == (2, *sizes[8], 512)
+  assert out['layer3'].shape == (2, *sizes[min(16, output_stride)], 1024)
+  assert out['layer4'].shape == (2, *sizes[output_stride], 2048)
+
+
+# torchvision._make_layer with replace_stride_with_dilation: the first block of
+# a dilated stage keeps the previous dilation.
+PLANS = {
+    32: [[(1, 1)] * 3, [(2, 1)] + [(1, 1)] * 3, [(2, 1)] + [(1, 1)] * 5,
+         [(2, 1), (1, 1), (1, 1)]],
+    16: [[(1, 1)] * 3, [(2, 1)] + [(1, 1)] * 3, [(2, 1)] + [(1, 1)] * 5,
+         [(1, 1), (1, 2), (1, 2)]],
+    8: [[(1, 1)] * 3, [(2, 1)] + [(1, 1)] * 3, [(1, 1)] + [(1, 2)] * 5,
+        [(1, 2), (1, 4), (1, 4)]],
+}
+
+
+@pytest.mark.parametrize('output_stride', [8, 16, 32])
+def test_block_plan_matches_torchvision(output_stride):
+  assert resnet.block_plan(50, output_stride) == PLANS[output_stride]
+
+
+@pytest.mark.parametrize('output_stride,rates', [
+    (32, (1, 2, 4)), (16, (2, 4, 8)), (8, (4, 8, 16))])
+def test_multi_grid_rates(output_stride, rates):
+  plan = resnet.block_plan(50, output_stride, multi_grid=(1, 2, 4))
+  assert tuple(d for _, d in plan[3]) == rates
+  assert plan[:3] == PLANS[output_stride][:3]  # Only layer4 changes.
+  # Cyclic when layer4 has more blocks than unit rates.
+  plan = resnet.block_plan(50, 16, multi_grid=(1, 2))
+  assert [d for _, d in plan[3]] == [2, 4, 2]
+  plan = resnet.block_plan(18, 16, multi_grid=(1, 2, 4))
+  assert [d for _, d in plan[3]] == [2, 4]
+
+
+def test_os8_convs_dilated_and_stride_free():
+  calls = _conv_calls(resnet.ResNet(depth=50, output_stride=8,
+                                    multi_grid=(1, 2, 4)), (1, 65, 65, 3))
+  # Every layer3 / layer4 conv keeps the 1/8 resolution (65 -> 9).
+  for path, (strides, dilation, shape, _) in calls.items():
+    if path.startswith(('layer3', 'layer4')):
+      assert strides == (1, 1) and shape[1:3] == (9, 9), path
+  assert calls['layer3_block0/conv2'][1] == (1, 1)
+  assert calls['layer3_block1/conv2'][1] == (2, 2)
+  assert [calls[f'layer4_block{i}/conv2'][1] for i in range(3)] == [
+      (4, 4), (8, 8), (16, 16)]
+  # 1x1 convolutions are never dilated; the projections stay (stride 1).
+  assert calls['layer4_block1/conv1'][1] == (1, 1)
+  assert calls['layer3_block0/downsample_conv'][:2] == ((1, 1), (1, 1))
+  assert calls['layer2_block0/conv2'][0] == (2, 2)
+  assert all(init is layers.conv_kernel_init for *_, init in calls.values())
+
+
+def test_basic_block_dilation():
+  calls = _conv_calls(resnet.ResNet(depth=18, output_stride=8),
+                      (1, 65, 65, 3))
+  assert calls['layer4_block1/conv1'][1] == (4, 4)
+  assert calls['layer4_block1/conv2'][1] == (4, 4)
+  assert calls['layer4_block0/conv1'][2][1:3] == (9, 9)
+
+
+def test_base_width_and_dtype():
+  model = resnet.ResNet(depth=18, base_width=8, dtype='bfloat16')
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0),
+                                  jnp.zeros((1, 32, 32, 3)))
+  assert [out[f'layer{i}'].shape[-1] for i in range(1, 5)] == [8, 16, 32, 64]
+  assert all(v.dtype == jnp.bfloat16 for v in out.values())
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+
+
+def test_frozen_bn_everywhere():
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      calls.append(type(context.module))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    _abstract_init(resnet.ResNet(depth=18, frozen_bn=True))
+  assert layers.FrozenBatchNorm in calls and nn.BatchNorm not in calls
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(depth=42), 'depth=42'),
+    (dict(output_stride=4), 'output_stride=4'),
+    (dict(multi_grid=(1, 0)), 'multi_grid'),
+    (dict(base_width=0), 'base_width=0'),
+])
+def test_bad_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _abstract_init(resnet.ResNet(**kwargs))
