@@ -43,7 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.eval_batch_size = 8
-  c.data.eval_pad_size = 512      # VOC images are at most 500x500
+  # VOC images are at most 500x500; 513 = 32 * 16 + 1 keeps the feature grid
+  # on input pixels (TF DeepLab's eval crop).
+  c.data.eval_pad_size = 513
   c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
   c.data.prefetch_to_device = 2
   c.data.synthetic = ml_collections.ConfigDict()

@@ -7,9 +7,11 @@ segmentation task as ``voc_segmentation``:
   (1,449) from ``VOCtrainval_11-May-2012.tar``.
 * ``voc_segmentation/2012_aug``: the same plus ``train_aug`` (10,582 images):
   (SBD train | SBD val | VOC train) minus VOC val, the usual DeepLab training
-  set. Images come from the VOC tar (its JPEGImages hold every SBD image);
-  masks come from VOC's ``SegmentationClass`` where it has one (finer, with the
-  255 void band) and otherwise from SBD's ``benchmark.tgz``.
+  set. Images come from the VOC tar (its JPEGImages hold every SBD image).
+  ``train_aug`` masks come from SBD's ``benchmark.tgz`` where SBD has the id
+  and from VOC's ``SegmentationClass`` otherwise, which is how the standard
+  ``SegmentationClassAug`` set was made and the rule ``flaxseg.data.voc``
+  follows; ``train`` and ``val`` always use VOC's own masks.
 
 Features: ``image`` (uint8 HxWx3), ``segmentation`` (uint8 HxWx1 class ids
 0..20, 255 = void), ``file_name`` (``<id>.jpg``) and ``id``.
@@ -142,14 +144,13 @@ def _encode_png(mask: np.ndarray) -> bytes:
 
 
 def index_archive(members: Iterable[Tuple[str, io.BufferedIOBase]],
-                  archive: str, sbd: bool = False, skip: Iterable[str] = ()):
+                  archive: str, sbd: bool = False):
   """One streaming pass over an archive: split lists and masks.
 
   Args:
     members: ``(path, file)`` pairs, as from ``dl_manager.iter_archive``.
     archive: archive path, for error messages.
     sbd: the archive is SBD's ``benchmark.tgz`` rather than the VOC tar.
-    skip: ids whose masks are not needed (VOC has them); not read.
 
   Returns:
     ``(splits, masks)``: ``{split: frozenset(ids)}`` and a ``MaskIndex``.
@@ -158,14 +159,13 @@ def index_archive(members: Iterable[Tuple[str, io.BufferedIOBase]],
   """
   split_re, mask_re = ((_SBD_SPLIT_RE, _SBD_MASK_RE) if sbd
                        else (_VOC_SPLIT_RE, _VOC_MASK_RE))
-  skip = frozenset(skip)
   splits, masks = {}, {}
   for path, f in members:
     if m := split_re.search(path):
       splits[m.group(1)] = frozenset(
           line.split()[0] for line in f.read().decode().splitlines()
           if line.strip())
-    elif (m := mask_re.search(path)) and m.group(1) not in skip:
+    elif m := mask_re.search(path):
       where = f"{archive}:{path}"
       masks[m.group(1)] = (where, _encode_png(decode_sbd_mat(f.read(), where))
                            if sbd else f.read())
@@ -245,18 +245,19 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.name == "2012_aug":
       sbd = _archive_path(dl_manager, SBD_TGZ)
       sbd_splits, sbd_masks = index_archive(
-          dl_manager.iter_archive(_stream(sbd)), str(sbd), sbd=True,
-          skip=masks)
+          dl_manager.iter_archive(_stream(sbd)), str(sbd), sbd=True)
       split_ids["train_aug"] = (sbd_splits["train"] | sbd_splits["val"]
                                 | splits["train"]) - splits["val"]
-      masks = {**sbd_masks, **masks}  # VOC's finer masks win.
+    split_masks = {"train": masks, "val": masks}
+    if "train_aug" in split_ids:
+      split_masks["train_aug"] = {**masks, **sbd_masks}  # SBD's win.
     for split, ids in split_ids.items():
-      if missing := sorted(ids - masks.keys()):
+      if missing := sorted(ids - split_masks[split].keys()):
         raise DatasetError(f"{voc}: {len(missing)} ids of split {split!r} "
                            f"have no segmentation mask, e.g. {missing[:5]}")
     return {split: self._generate_examples(
-        dl_manager.iter_archive(_stream(voc)), str(voc), ids, masks)
-            for split, ids in split_ids.items()}
+        dl_manager.iter_archive(_stream(voc)), str(voc), ids,
+        split_masks[split]) for split, ids in split_ids.items()}
 
   def _generate_examples(self, members, archive: str, ids: frozenset,
                          masks: MaskIndex) -> Iterator[Tuple[str, dict]]:

@@ -7,12 +7,17 @@ Two families of constructors:
   multi-grid (1, 2, 4) in layer4 (sec. 3.2), ASPP rates (6, 12, 18) at output
   stride 16, doubled at 8 and halved at 32 (sec. 3.3), ASPP width 256, dropout
   0.1 after the projection and BatchNorm decay 0.9997 (the TF DeepLab code),
-  1x1 classifier straight after ASPP.
+  1x1 classifier straight after ASPP, logits upsampled with
+  ``align_corners=True`` as the TF DeepLab code does (with input sizes of the
+  form ``k * output_stride + 1``, such as 513, feature ``i`` then sits exactly
+  on input pixel ``i * output_stride``, which is where the symmetric padding of
+  the strided convolutions centres it).
 * torchvision variants (``deeplabv3_resnet{50,101}_tv``): torchvision's
   ``deeplabv3_resnet*`` exactly (same parameter count): output stride 8, no
   multi-grid, rates (12, 24, 36), ASPP dropout 0.5, an extra 3x3 conv + BN +
   ReLU before the classifier, BatchNorm momentum 0.9 (PyTorch's 0.1) and an
-  optional FCN auxiliary head on layer3.
+  optional FCN auxiliary head on layer3, ``align_corners=False`` upsampling
+  (torchvision's ``F.interpolate``).
 
 Parameter names, torchvision name on the right::
 
@@ -64,6 +69,7 @@ class DeepLabV3(nn.Module):
     bn_axis_name: axis name for synchronised BatchNorm, or None.
     frozen_bn: use `FrozenBatchNorm` for every BatchNorm of the model.
     dtype: computation dtype; parameters stay float32, logits are float32.
+    align_corners: corner convention of the final bilinear upsampling.
   """
   num_classes: int
   depth: int = 50
@@ -80,6 +86,7 @@ class DeepLabV3(nn.Module):
   bn_axis_name: Optional[str] = None
   frozen_bn: bool = False
   dtype: Any = jnp.float32
+  align_corners: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -121,7 +128,8 @@ class DeepLabV3(nn.Module):
       y = nn.relu(norm(name='head_bn')(y, use_running_average=ura))
     logits = conv(self.num_classes, (1, 1), use_bias=True,
                   name='classifier')(y)
-    logits = resize_bilinear(logits.astype(jnp.float32), (height, width))
+    logits = resize_bilinear(logits.astype(jnp.float32), (height, width),
+                             align_corners=self.align_corners)
 
     aux = {}
     if self.aux:
@@ -133,7 +141,8 @@ class DeepLabV3(nn.Module):
       a = conv(self.num_classes, (1, 1), use_bias=True,
                name='aux_classifier')(a)
       aux['aux_logits'] = resize_bilinear(a.astype(jnp.float32),
-                                          (height, width))
+                                          (height, width),
+                                          align_corners=self.align_corners)
     return logits, aux
 
 
@@ -163,7 +172,8 @@ def _build(depth: int, native_rates: Sequence[int], native_stride: int,
       aspp_dropout=args['aspp_dropout'], head_conv=head_conv,
       aux=bool(args['aux']), bn_momentum=args['bn_momentum'],
       bn_axis_name=args['bn_axis_name'], frozen_bn=bool(args['frozen_bn']),
-      dtype=canonicalize_dtype(args['dtype']))
+      dtype=canonicalize_dtype(args['dtype']),
+      align_corners=bool(args['align_corners']))
 
 
 _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
@@ -181,6 +191,7 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     frozen_bn: freeze every BatchNorm.
     base_width: ResNet stem width (shrink for tiny demo models).
     aux: add the FCN auxiliary head on layer3.
+    align_corners: upsampling convention (True: TF DeepLab).
 
   Returns:
     A `DeepLabV3` module.
@@ -201,6 +212,7 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     frozen_bn: freeze every BatchNorm.
     base_width: ResNet stem width.
     aux: add torchvision's FCN auxiliary head on layer3.
+    align_corners: upsampling convention (False: torchvision).
 
   Returns:
     A `DeepLabV3` module.
@@ -215,7 +227,8 @@ def _paper(depth):
                   aspp_width: int = 256, aspp_dropout: float = 0.1,
                   bn_momentum: float = 0.9997,
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
-                  base_width: int = 64, aux: bool = False) -> DeepLabV3:
+                  base_width: int = 64, aux: bool = False,
+                  align_corners: bool = True) -> DeepLabV3:
     return _build(depth, PAPER_RATES_OS16, 16, False, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'deeplabv3_resnet{depth}'
   constructor.__doc__ = _PAPER_DOC.format(depth=depth)
@@ -230,7 +243,8 @@ def _torchvision(depth):
                   aspp_width: int = 256, aspp_dropout: float = 0.5,
                   bn_momentum: float = 0.9,
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
-                  base_width: int = 64, aux: bool = False) -> DeepLabV3:
+                  base_width: int = 64, aux: bool = False,
+                  align_corners: bool = False) -> DeepLabV3:
     return _build(depth, TV_RATES_OS8, 8, True, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (
       f'deeplabv3_resnet{depth}_tv')

@@ -78,7 +78,8 @@ def make_fake_archives(root, bad_voc=None, bad_sbd=None):
     bad_sbd: id whose SBD .mat mask gets an invalid label (30).
 
   Returns:
-    ``{id: expected HxW uint8 mask}`` (the VOC mask where both exist).
+    ``{split: {id: expected HxW uint8 mask}}``: VOC's masks for train and
+    val, SBD's where SBD has the id (else VOC's) for train_aug.
   """
   all_ids = sorted(set(VOC_TRAIN + VOC_VAL + SBD_TRAIN + SBD_VAL + (UNLISTED,)))
   shapes = {i: (5 + k, 7 + 2 * k) for k, i in enumerate(all_ids)}
@@ -106,7 +107,8 @@ def make_fake_archives(root, bad_voc=None, bad_sbd=None):
       _add(tar, f"{base}cls/{i}.mat", _mat(m))
     for split, ids in (("train", SBD_TRAIN), ("val", SBD_VAL)):
       _add(tar, f"{base}{split}.txt", "".join(f"{i}\n" for i in ids).encode())
-  return {**sbd_masks, **voc_masks}
+  return {"train": voc_masks, "val": voc_masks,
+          "train_aug": {**voc_masks, **sbd_masks}}
 
 
 class _FakeArchivesMixin:
@@ -178,7 +180,7 @@ def test_segmentation_equals_palette_indices(aug_build):
   builder, expected, _ = aug_build
   for split in ("train", "val", "train_aug"):
     for image_id, ex in _examples(builder, split).items():
-      want = expected[image_id]
+      want = expected[split][image_id]
       assert ex["segmentation"].shape == want.shape + (1,)
       assert ex["segmentation"].dtype == np.uint8
       np.testing.assert_array_equal(ex["segmentation"][..., 0], want)

@@ -1,0 +1,57 @@
+"""Tests for the pure train/eval steps on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flaxseg
+
+
+def _state(dtype):
+  model = flaxseg.create_model('deeplabv3_resnet18', num_classes=3,
+                               base_width=4, aspp_width=8, aspp_dropout=0.0,
+                               output_stride=16, dtype=dtype)
+  return flaxseg.create_train_state(model, optax.sgd(0.01),
+                                    jax.random.key(0), (1, 33, 33, 3))
+
+
+@pytest.fixture(scope='module')
+def batch():
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 3, (2, 33, 33)).astype(np.int32)
+  label[0, :4] = 255
+  return {'image': jnp.asarray(rng.normal(size=(2, 33, 33, 3)), jnp.float32),
+          'label': jnp.asarray(label)}
+
+
+def test_bf16_tracks_float32(batch):
+  step = jax.jit(lambda s, b: flaxseg.train_step(s, b, axis_name=None))
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    state = _state(dtype)
+    losses = []
+    for _ in range(3):
+      state, m = step(state, batch)
+      losses.append(float(m['loss']))
+    out[dtype] = losses
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert float(m['finite']) == 1.0
+  np.testing.assert_allclose(out['bfloat16'], out['float32'], rtol=3e-2)
+
+
+def test_eval_step_confusion_counts_valid_pixels(batch):
+  state = _state('float32')
+  out = flaxseg.eval_step(state, dict(batch, valid=jnp.array([True, False])),
+                          axis_name=None, num_classes=3)
+  assert out['prediction'].shape == (2, 33, 33)
+  assert int(out['confusion'].sum()) == int(
+      np.sum(np.asarray(batch['label'][0]) != 255))
+
+
+def test_non_finite_loss_is_flagged(batch):
+  state = _state('float32')
+  bad = dict(batch, image=batch['image'].at[0, 0, 0, 0].set(jnp.nan))
+  _, m = flaxseg.train_step(state, bad, axis_name=None)
+  assert float(m['finite']) == 0.0
