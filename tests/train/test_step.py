@@ -27,18 +27,29 @@ def batch():
 
 
 def test_bf16_tracks_float32(batch):
-  step = jax.jit(lambda s, b: flaxseg.train_step(s, b, axis_name=None))
+  """bf16 compute: same loss (2%: bf16 keeps 8 bits) and gradient direction."""
   out = {}
   for dtype in ('float32', 'bfloat16'):
     state = _state(dtype)
-    losses = []
-    for _ in range(3):
-      state, m = step(state, batch)
-      losses.append(float(m['loss']))
-    out[dtype] = losses
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    assert float(m['finite']) == 1.0
-  np.testing.assert_allclose(out['bfloat16'], out['float32'], rtol=3e-2)
+
+    def loss_fn(params, state=state):
+      (logits, _), _ = state.apply_fn(
+          {'params': params, 'batch_stats': state.batch_stats},
+          batch['image'], train=True, mutable=['batch_stats'])
+      return flaxseg.segmentation_loss(logits, batch['label'])
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    out[dtype] = (float(loss), jnp.concatenate(
+        [g.reshape(-1) for g in jax.tree.leaves(grads)]))
+  (l32, g32), (l16, g16) = out['float32'], out['bfloat16']
+  np.testing.assert_allclose(l16, l32, rtol=2e-2)
+  cosine = float(g16 @ g32 / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
+  assert cosine > 0.95, cosine  # measured 0.966 for this tiny random net
+  # And a bf16 train step keeps float32 parameters.
+  state, m = jax.jit(lambda s, b: flaxseg.train_step(s, b, axis_name=None))(
+      _state('bfloat16'), batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert float(m['finite']) == 1.0
 
 
 def test_eval_step_confusion_counts_valid_pixels(batch):
