@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 30000
   c.train.aux_loss_weight = 0.0
+  # Loss weight on each input scale's logits (models with multi-scale
+  # inputs, DeepLab v2 sec. 4.1: 1.0).
+  c.train.scale_loss_weight = 0.0
   c.train.normalize_loss = True
   c.train.log_every_steps = 50
 

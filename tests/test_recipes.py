@@ -52,6 +52,7 @@ def test_tiny_variant_loss_goes_down(path, tiny_data):
   train = jax.jit(lambda s, b: step_lib.train_step(
       s, b, axis_name=None, seed=config.seed,
       aux_loss_weight=config.train.aux_loss_weight,
+      scale_loss_weight=config.train.scale_loss_weight,
       normalize_loss=config.train.normalize_loss))
   losses = []
   for _ in range(STEPS):

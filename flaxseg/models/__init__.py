@@ -14,7 +14,8 @@ from typing import Callable, Dict, List
 
 import flax.linen as nn
 
-from flaxseg.models import deeplab
+from flaxseg.models import (deeplab, deeplab_v1, deeplab_v2, deeplab_v3plus,
+                            fcn, fcn_tv, unet)
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -90,9 +91,17 @@ def create_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
   return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
-for _constructor in (deeplab.deeplabv3_resnet18, deeplab.deeplabv3_resnet34,
-                     deeplab.deeplabv3_resnet50, deeplab.deeplabv3_resnet101,
-                     deeplab.deeplabv3_resnet50_tv,
-                     deeplab.deeplabv3_resnet101_tv):
+for _constructor in (
+    fcn.fcn32s, fcn.fcn16s, fcn.fcn8s,
+    fcn_tv.fcn_resnet50_tv, fcn_tv.fcn_resnet101_tv,
+    unet.unet_original, unet.unet,
+    deeplab_v1.deeplabv1_largefov,
+    deeplab_v2.deeplabv2_resnet101, deeplab_v2.deeplabv2_vgg16,
+    deeplab.deeplabv3_resnet18, deeplab.deeplabv3_resnet34,
+    deeplab.deeplabv3_resnet50, deeplab.deeplabv3_resnet101,
+    deeplab.deeplabv3_resnet50_tv, deeplab.deeplabv3_resnet101_tv,
+    deeplab_v3plus.deeplabv3plus_resnet18,
+    deeplab_v3plus.deeplabv3plus_resnet50,
+    deeplab_v3plus.deeplabv3plus_resnet101):
   register_model(_constructor.__name__, _constructor)
 del _constructor

@@ -221,6 +221,7 @@ def _map_steps(config, dp):
   p_train = dp.map(
       functools.partial(step_lib.train_step, seed=config.seed,
                         aux_loss_weight=config.train.aux_loss_weight,
+                        scale_loss_weight=config.train.scale_loss_weight,
                         normalize_loss=config.train.normalize_loss),
       (parallel.REPLICATED, parallel.REPLICATED), donate_state=True)
   p_eval = dp.map(

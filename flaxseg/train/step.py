@@ -39,6 +39,7 @@ def step_rng(seed: int, step, axis_name: Optional[str]):
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                axis_name: Optional[str], seed: int = 0,
                aux_loss_weight: float = 0.0,
+               scale_loss_weight: float = 0.0,
                ignore_index: int = losses.IGNORE_INDEX,
                normalize_loss: bool = True
                ) -> tuple[TrainState, Dict[str, jax.Array]]:
@@ -51,6 +52,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
     seed: base seed for dropout keys.
     aux_loss_weight: weight of the auxiliary head's loss (torchvision: 0.5),
       used when the model returns ``aux['aux_logits']``.
+    scale_loss_weight: weight of the loss on each input scale's own logits,
+      used when the model returns ``aux['scale_logits']`` (DeepLab v2's
+      multi-scale training, sec. 4.1, puts weight 1 on each).
     ignore_index: void label.
     normalize_loss: mean over valid pixels (True) or plain sum.
 
@@ -73,6 +77,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       aux_loss = losses.segmentation_loss(aux['aux_logits'], batch['label'],
                                           **kwargs)
     total = main + aux_loss_weight * aux_loss
+    if scale_loss_weight and 'scale_logits' in aux:
+      total += scale_loss_weight * sum(
+          losses.segmentation_loss(s, batch['label'], **kwargs)
+          for s in aux['scale_logits'])
     return total, (new_vars.get('batch_stats', state.batch_stats), main,
                    aux_loss)
 
