@@ -29,6 +29,7 @@ Variants (``configs/deeplabv1.py:NAME``):
         tests.
 """
 
+from configs import common
 from flaxseg.config import default_config
 
 
@@ -59,22 +60,7 @@ def get_config(arg=None):
   if arg != 'tiny':
     raise ValueError(f'configs/deeplabv1.py: unknown variant {arg!r} '
                      "(expected 'tiny')")
-  c.data.dataset = 'synthetic'
-  c.data.num_classes = 7
-  c.data.train_split = 'train'
-  c.data.synthetic.num_train = 16
-  c.data.synthetic.num_val = 8
-  c.data.synthetic.min_size = 24
-  c.data.synthetic.max_size = 32
-  c.data.crop_size = 33
-  c.data.eval_pad_size = 33
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
+  common.tiny_synthetic(c)
   c.model.width_multiplier = 0.0625
   c.optim.lr = 1e-3
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.eval.every_steps = 0
-  c.eval.num_visualize = 2
-  c.checkpoint.every_steps = 2
   return c

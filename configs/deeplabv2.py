@@ -28,6 +28,7 @@ Variants (``configs/deeplabv2.py:NAME``):
   tiny  a few steps on tiny images, for tests.
 """
 
+from configs import common
 from flaxseg.config import default_config
 
 
@@ -76,31 +77,11 @@ def get_config(arg=None):
     # trained from scratch like the deeplabv3 tiny variant: a 1/16-width
     # VGG-16 (a 101-layer ResNet costs minutes to compile three times), no
     # dropout, Adam with a cosine schedule.
-    c.data.dataset = 'synthetic'
-    c.data.num_classes = 7
-    c.data.train_split = 'train'
+    common.tiny_synthetic(c)
+    common.adam_from_scratch(c)
     c.model.width_multiplier = 0.0625
     c.model.dropout = 0.0
     c.model.multi_scale_inputs = (1.0, 0.75, 0.5)
-    c.data.synthetic.num_train = 16
-    c.data.synthetic.num_val = 8
-    c.data.synthetic.min_size = 24
-    c.data.synthetic.max_size = 32
-    c.data.crop_size = 33
-    c.data.scale_range = (0.75, 1.25)
-    c.data.eval_pad_size = 33
-    c.data.batch_size = 4
-    c.data.eval_batch_size = 4
-    c.optim.name = 'adamw'
-    c.optim.lr = 0.003
-    c.optim.weight_decay = 1e-4
-    c.optim.schedule = 'cosine'
-    c.optim.warmup_steps = 0
-    c.train.num_steps = 4
-    c.train.log_every_steps = 2
-    c.eval.every_steps = 0
-    c.eval.num_visualize = 2
-    c.checkpoint.every_steps = 2
     return c
   raise ValueError(f'configs/deeplabv2.py: unknown variant {arg!r} '
                    "(expected 'vgg16' or 'tiny')")

@@ -19,6 +19,7 @@ Variants (``configs/deeplabv3.py:NAME``):
   tiny  a few steps on tiny images, for tests.
 """
 
+from configs import common
 from flaxseg.config import default_config
 
 
@@ -69,32 +70,16 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.data.eval_batch_size = 8
     c.data.eval_pad_size = 97
-    c.optim.name = 'adamw'
-    c.optim.lr = 0.003
-    c.optim.weight_decay = 1e-4
-    c.optim.schedule = 'cosine'
+    common.adam_from_scratch(c)
     c.optim.warmup_steps = 100
     c.train.num_steps = 3000
     c.train.log_every_steps = 100
     c.eval.every_steps = 1000
     c.checkpoint.every_steps = 1000
   if arg == 'tiny':
+    common.tiny_synthetic(c)
     c.model.base_width = 8
     c.model.aspp_width = 16
-    c.data.synthetic.num_train = 16
-    c.data.synthetic.num_val = 8
-    c.data.synthetic.min_size = 24
-    c.data.synthetic.max_size = 32
-    c.data.crop_size = 33
-    c.data.eval_pad_size = 33
-    c.optim.warmup_steps = 0
-    c.data.batch_size = 4
-    c.data.eval_batch_size = 4
-    c.train.num_steps = 4
-    c.train.log_every_steps = 2
-    c.eval.every_steps = 0
-    c.eval.num_visualize = 2
-    c.checkpoint.every_steps = 2
     return c
   if arg != 'demo':
     raise ValueError(f'configs/deeplabv3.py: unknown variant {arg!r} '

@@ -23,6 +23,7 @@ Variants (``configs/deeplabv3plus.py:NAME``):
   tiny  a few steps on tiny images, for tests.
 """
 
+from configs import common
 from flaxseg.config import default_config
 
 
@@ -53,13 +54,8 @@ def get_config(arg=None):
   # Still DeepLab v3+ (atrous ResNet, ASPP, layer1 decoder), shrunk to a
   # narrow ResNet-18 trained from scratch for a few steps on tiny synthetic
   # images; Adam with a cosine schedule as the DeepLab v3 demo/tiny variants.
-  c.data.dataset = 'synthetic'
-  c.data.num_classes = 7
-  c.data.train_split = 'train'
-  c.data.synthetic.num_train = 16
-  c.data.synthetic.num_val = 8
-  c.data.synthetic.min_size = 24
-  c.data.synthetic.max_size = 32
+  common.tiny_synthetic(c)
+  common.adam_from_scratch(c)
   c.model.name = 'deeplabv3plus_resnet18'
   c.model.base_width = 8
   c.model.aspp_width = 16
@@ -68,19 +64,4 @@ def get_config(arg=None):
   c.model.output_stride = 8
   c.model.bn_momentum = 0.9
   c.model.aspp_dropout = 0.0
-  c.data.crop_size = 33          # 8k + 1 (see flaxseg.config)
-  c.data.scale_range = (0.75, 1.25)
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.data.eval_pad_size = 33
-  c.optim.name = 'adamw'
-  c.optim.lr = 0.003
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'cosine'
-  c.optim.warmup_steps = 0
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.eval.every_steps = 0
-  c.eval.num_visualize = 2
-  c.checkpoint.every_steps = 2
   return c

@@ -19,56 +19,9 @@ Variants (``configs/fcn16s.py:NAME``):
   tiny  a few steps of a narrow FCN-16s on tiny synthetic images, for tests.
 """
 
-from flaxseg.config import default_config
+from configs import common
 
 
 def get_config(arg=None):
   """Returns the config for variant ``arg`` (None: the paper recipe)."""
-  c = default_config()
-  c.model.name = 'fcn16s'
-  c.model.padding = 'paper'
-  c.data.train_split = 'train_aug'
-  c.data.eval_split = 'val'
-  c.data.batch_size = 1
-  c.data.crop_size = 500
-  c.data.scale_range = (1.0, 1.0)
-  c.data.flip = False
-  c.data.eval_batch_size = 1
-  c.data.eval_pad_size = 500
-  c.optim.name = 'sgd'
-  c.optim.lr = 1e-12
-  c.optim.momentum = 0.99
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = 'constant'
-  # Caffe lr_mult: biases 2x; the final upsampling is fixed (0x keeps weight
-  # decay off it too). Regexes must not overlap (keys are matched sorted).
-  c.optim.lr_multipliers['/bias$'] = 2.0
-  c.optim.lr_multipliers['^upscore16/kernel$'] = 0.0
-  c.train.normalize_loss = False
-  c.train.num_steps = 100000
-  if arg in (None, '', 'paper'):
-    return c
-  if arg != 'tiny':
-    raise ValueError(f'configs/fcn16s.py: unknown variant {arg!r} '
-                     "(expected 'tiny')")
-  c.data.dataset = 'synthetic'
-  c.data.num_classes = 7
-  c.data.train_split = 'train'
-  c.data.synthetic.num_train = 16
-  c.data.synthetic.num_val = 8
-  c.data.synthetic.min_size = 24
-  c.data.synthetic.max_size = 32
-  c.data.crop_size = 33
-  c.data.eval_pad_size = 33
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.model.width_multiplier = 0.0625
-  c.optim.lr = 1e-3
-  c.optim.momentum = 0.9
-  c.train.normalize_loss = True
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.eval.every_steps = 0
-  c.eval.num_visualize = 2
-  c.checkpoint.every_steps = 2
-  return c
+  return common.fcn_recipe('fcn16s', 1e-12, 'upscore16', arg)

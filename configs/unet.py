@@ -35,6 +35,7 @@ Variants (``configs/unet.py:NAME``):
   tiny  a few steps on tiny images, for tests.
 """
 
+from configs import common
 from flaxseg.config import default_config
 
 
@@ -76,28 +77,8 @@ def get_config(arg=None):
   # synthetic images; Adam with a cosine schedule as the DeepLab v3 tiny
   # variant, since a batch of one with momentum 0.99 does not fit a batch in
   # a handful of steps.
-  c.data.dataset = 'synthetic'
-  c.data.num_classes = 7
-  c.data.train_split = 'train'
-  c.data.synthetic.num_train = 16
-  c.data.synthetic.num_val = 8
-  c.data.synthetic.min_size = 24
-  c.data.synthetic.max_size = 32
+  common.tiny_synthetic(c)
+  common.adam_from_scratch(c)
   c.model.base_width = 8
   c.model.dropout = 0.0
-  c.data.crop_size = 33
-  c.data.scale_range = (0.75, 1.25)
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.data.eval_pad_size = 33
-  c.optim.name = 'adamw'
-  c.optim.lr = 0.003
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'cosine'
-  c.optim.warmup_steps = 0
-  c.train.num_steps = 4
-  c.train.log_every_steps = 2
-  c.eval.every_steps = 0
-  c.eval.num_visualize = 2
-  c.checkpoint.every_steps = 2
   return c

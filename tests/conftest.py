@@ -79,3 +79,12 @@ def voc_copy(voc_tree, tmp_path) -> str:
   """VOC2012 directory of a private, writable copy of the plain VOC tree."""
   shutil.copytree(voc_tree.root, tmp_path / "copy")
   return os.path.join(str(tmp_path / "copy"), "VOCdevkit", "VOC2012")
+
+
+# Recipes in configs/ import ``configs.common``; train.py has the repository
+# root on sys.path as its own directory, the tests put it there explicitly.
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)

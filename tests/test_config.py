@@ -9,7 +9,9 @@ import pytest
 from flaxseg.config import default_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+# Every recipe file (not the package's __init__ or the shared common.py).
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if os.path.basename(p) not in ('__init__.py', 'common.py'))
 
 
 def load_recipe(path):

@@ -18,7 +18,9 @@ from flaxseg.data import pipeline, voc
 from flaxseg.train import loop, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+# Every recipe file (not the package's __init__ or the shared common.py).
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if os.path.basename(p) not in ('__init__.py', 'common.py'))
 STEPS = 6
 
 
