@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from flaxseg.models import resnet
 from flaxseg.models.aspp import ASPP, PAPER_RATES_OS16, scale_rates
+from flaxseg.models.fcn_tv import fcn_head
 from flaxseg.models.layers import (canonicalize_dtype, conv_kernel_init,
                                    make_norm, resize_bilinear)
 
@@ -133,13 +134,9 @@ class DeepLabV3(nn.Module):
 
     aux = {}
     if self.aux:
-      a = features['layer3']
-      a = conv(a.shape[-1] // 4, (3, 3), padding=((1, 1), (1, 1)),
-               use_bias=False, name='aux_conv')(a)
-      a = nn.relu(norm(name='aux_bn')(a, use_running_average=ura))
-      a = nn.Dropout(self.aux_dropout, deterministic=not train)(a)
-      a = conv(self.num_classes, (1, 1), use_bias=True,
-               name='aux_classifier')(a)
+      a = fcn_head(features['layer3'], num_classes=self.num_classes,
+                   prefix='aux', classifier_name='aux_classifier', conv=conv,
+                   norm=norm, dropout=self.aux_dropout, train=train)
       aux['aux_logits'] = resize_bilinear(a.astype(jnp.float32),
                                           (height, width),
                                           align_corners=self.align_corners)
