@@ -43,8 +43,9 @@ Backends (one interface, ``backend=``):
 * ``'window'``: ConvCRF (Teichmann & Cipolla 2018) truncated window for the
   appearance kernel (optionally downsampled); the smoothness kernel uses the
   exact separable filter, which is cheaper than a window and not truncated.
-* ``'permutohedral'``: not implemented yet (a later ``flaxseg/crf/lattice.py``);
-  requesting it raises ``NotImplementedError``.
+* ``'permutohedral'``: pydensecrf's permutohedral lattice
+  (:mod:`flaxseg.crf.lattice`) for both kernels, built once per image and
+  reused by every iteration; an approximation of the exact filter.
 
 Everything is a pure function of arrays: usable under ``jit``/``vmap``/``pmap``
 (the batch axis is independent) and differentiable with ``jax.grad``.
@@ -59,6 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.crf import filters
+from flaxseg.crf import lattice
 
 BACKENDS = ('exact', 'window', 'permutohedral')
 
@@ -104,8 +106,7 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
     num_labels: number of labels ``L`` (the filtered arrays' last axis).
     smoothness: a :class:`GaussianKernel`, or ``None`` to disable it.
     appearance: a :class:`BilateralKernel`, or ``None`` to disable it.
-    backend: ``'exact'`` or ``'window'`` (``'permutohedral'`` is not
-      implemented yet).
+    backend: ``'exact'``, ``'window'`` or ``'permutohedral'``.
     window_size, downsample: the window backend's appearance-kernel window (odd
       side, in downsampled pixels) and downsampling factor.
     normalization: ``'none'`` or ``'symmetric'`` (pydensecrf's default).
@@ -116,11 +117,6 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
     ``(fns, weights)``: lists of ``fn(Q [B,H,W,L]) -> [B,H,W,L]`` and of the
     kernels' weights, in the order smoothness, appearance.
   """
-  if backend == 'permutohedral':
-    raise NotImplementedError(
-        "backend='permutohedral' (the permutohedral-lattice filter used by "
-        "pydensecrf, planned for flaxseg/crf/lattice.py) is not implemented "
-        "yet; use backend='exact' or backend='window'.")
   if backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
   image = jnp.asarray(image, dtype)
@@ -130,10 +126,11 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
   shape = (b, h, w, num_labels)
   fns, weights = [], []
   if smoothness is not None:
-    if backend == 'exact':
+    if backend in ('exact', 'permutohedral'):
       pos = jnp.broadcast_to(
           filters.position_features(h, w, smoothness.sxy, dtype), (b, h, w, 2))
-      raw = functools.partial(_exact, pos)
+      raw = (functools.partial(_exact, pos) if backend == 'exact' else
+             functools.partial(_lattice, lattice.build_lattice_batch(pos)))
     else:
       raw = functools.partial(_separable, smoothness.sxy)
     fns.append(filters.normalized(raw, shape, dtype, normalization, include_self))
@@ -142,6 +139,8 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
     feats = filters.bilateral_features(image, appearance.sxy, appearance.srgb)
     if backend == 'exact':
       raw = functools.partial(_exact, feats)
+    elif backend == 'permutohedral':
+      raw = functools.partial(_lattice, lattice.build_lattice_batch(feats))
     else:
       raw = functools.partial(_window, feats, window_size, downsample)
     fns.append(filters.normalized(raw, shape, dtype, normalization, include_self))
@@ -151,6 +150,10 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
 
 def _exact(features, values, include_self):
   return filters.exact_filter(features, values, include_self=include_self)
+
+
+def _lattice(lat, values, include_self):
+  return lattice.permutohedral_filter(lat, values, include_self=include_self)
 
 
 def _separable(sxy, values, include_self):
@@ -228,7 +231,8 @@ def dense_crf(unary_logits, image, *, num_iterations: int = 5,
     smoothness: :class:`GaussianKernel` or ``None``.
     appearance: :class:`BilateralKernel` or ``None``.
     compatibility: ``None`` (Potts, as pydensecrf) or an ``[L, L]`` matrix.
-    backend: ``'exact'`` (O(N^2), small images) or ``'window'`` (ConvCRF).
+    backend: ``'exact'`` (O(N^2), small images), ``'window'`` (ConvCRF) or
+      ``'permutohedral'`` (pydensecrf's lattice).
     window_size: odd window side of the window backend's appearance kernel.
     downsample: the window backend's downsampling factor.
     normalization: ``'symmetric'`` (pydensecrf's default) or ``'none'``.

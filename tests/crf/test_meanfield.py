@@ -114,8 +114,6 @@ def test_gradients_match_finite_differences(backend):
 
 def test_bad_arguments():
   logits, image, _ = two_region_case()
-  with pytest.raises(NotImplementedError, match='permutohedral'):
-    M.dense_crf(logits, image, backend='permutohedral')
   with pytest.raises(ValueError, match='backend'):
     M.dense_crf(logits, image, backend='lattice')
   with pytest.raises(ValueError, match='normalization'):
