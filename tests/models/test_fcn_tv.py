@@ -12,30 +12,7 @@ import numpy as np
 import pytest
 
 from flaxseg.models import fcn_tv
-
-KEY = jax.random.key(0)
-
-
-def _num_params(model):
-  variables = jax.eval_shape(model.init, KEY, jnp.zeros((1, 64, 64, 3)))
-  return sum(x.size for x in jax.tree.leaves(variables['params']))
-
-
-def fake_variables(model, shape, seed=0):
-  """Variables of `model` with He-scaled NumPy kernels and identity BN."""
-  abstract = jax.eval_shape(model.init, KEY, jnp.zeros(shape))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      std = np.sqrt(2. / np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0., std, leaf.shape), leaf.dtype)
-    if name in ('scale', 'var'):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(0., 0.1, leaf.shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
+from model_testing import KEY, fake_variables, num_params as _num_params
 
 
 @pytest.mark.parametrize('constructor,aux,count', [
