@@ -2,6 +2,7 @@
 
 * ``tiny_synthetic``: the ``tiny`` variant every recipe has, a few steps on
   tiny generated images that the tests run.
+* ``deeplabv3_training``: DeepLab v3's training recipe, which v3+ reuses.
 * ``fcn_recipe``: the FCN-32s/16s/8s recipe of Long, Shelhamer & Darrell
   (PAMI 2016), which differs between the three nets only in the learning rate
   and in which upsampling is fixed.
@@ -52,6 +53,32 @@ def adam_from_scratch(c):
   c.optim.lr = 0.003
   c.optim.weight_decay = 1e-4
   c.optim.schedule = 'cosine'
+  return c
+
+
+def deeplabv3_training(c):
+  """DeepLab v3's training recipe (Chen et al. 2017, sec. 4.1), kept by v3+.
+
+  train_aug / val, crop 513, global batch 16, SGD momentum 0.9, LR 0.007 with
+  the poly policy (power 0.9), weight decay 1e-4, 30k steps (v3+, Chen et al.
+  ECCV 2018, sec. 4, trains its ResNet models the same way).
+
+  Args:
+    c: a full config.
+
+  Returns:
+    ``c``, changed in place.
+  """
+  c.data.train_split = 'train_aug'
+  c.data.eval_split = 'val'
+  c.data.crop_size = 513
+  c.data.batch_size = 16
+  c.optim.lr = 0.007
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'poly'
+  c.optim.poly_power = 0.9
+  c.train.num_steps = 30000
   return c
 
 

@@ -30,16 +30,7 @@ def get_config(arg=None):
   c.model.output_stride = 16
   c.model.multi_grid = (1, 2, 4)
   c.model.bn_momentum = 0.9997
-  c.data.train_split = 'train_aug'
-  c.data.eval_split = 'val'
-  c.data.crop_size = 513
-  c.data.batch_size = 16
-  c.optim.lr = 0.007
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'poly'
-  c.optim.poly_power = 0.9
-  c.train.num_steps = 30000
+  common.deeplabv3_training(c)
   if arg in (None, '', 'paper'):
     return c
   if arg in ('demo', 'tiny'):
