@@ -31,6 +31,9 @@ Normalisation (``pairwise.cpp``, ``DenseKernel::initLattice`` and ``filter``):
   ``m = n * K(n * v)`` (``n`` applied before and after filtering). When
   ``include_self=False`` the inner ``K`` loses its diagonal but ``d`` keeps it,
   i.e. ``d_i = (sum_{j != i} k_ij) + 1``, so ``d_i >= 1`` and ``n`` is finite.
+* ``'after'`` (pydensecrf ``NORMALIZE_AFTER``; what CRF-as-RNN's Caffe layer
+  does, ``multi_stage_meanfield.cpp``): ``m = (K v) / (d + 1e-20)``, a
+  weighted mean of the neighbours' values.
 
 Each backend computes ``d`` with its own filter, so the normalisation is
 consistent with the kernel it actually applies.
@@ -50,6 +53,14 @@ Backends (all pure ``jnp``/``lax``, batched over a leading axis, usable under
   it is applied *exactly* as two dense 1-D matrix products, O(N (H + W)).
 * ``permutohedral`` (Adams et al., Eurographics 2010, as used by pydensecrf)
   is not implemented here; see ``flaxseg.crf.meanfield``.
+
+Masks (padded batches). Evaluation pads images to one size; the padding must
+not take part in the CRF. With a ``mask`` (1 on real pixels, 0 on padding),
+:func:`normalized` filters ``mask * v`` and computes the norm from
+``K mask``, so on the real pixels the messages are exactly those of the
+image cropped to them (``K`` restricted to real pixels), and padded pixels
+receive zero messages. The lattice cannot drop points, so the features of
+padded pixels are moved out of reach first (:func:`separate_masked`).
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ from jax import lax
 #: pydensecrf's ``initLattice``.
 NORM_EPS = 1e-20
 
-NORMALIZATIONS = ('none', 'symmetric')
+NORMALIZATIONS = ('none', 'symmetric', 'after')
 
 
 def position_features(height: int, width: int, sxy: float, dtype=jnp.float32):
@@ -135,6 +146,40 @@ def exact_filter(features, values, *, include_self: bool = True):
   return out.reshape(b, h, w, c)
 
 
+#: Gap, in bandwidth-scaled feature units, that :func:`separate_masked` puts
+#: between real and masked pixels: exp(-16^2 / 2) underflows to 0, and
+#: permutohedral vertices (and blur neighbours) of points this far apart never
+#: coincide (they lie within about 2.5 (d+1) elevated units of their point,
+#: and a feature-0 gap g moves the elevated coordinates by g (d+1) / sqrt(3),
+#: so g > 4.5 sqrt(3) ~ 7.8 already suffices).
+SEPARATION = 16.0
+
+
+def separate_masked(features, mask):
+  """Moves masked-out pixels' features to one point beyond every real pixel.
+
+  Every pixel where ``mask`` is 0 gets the same feature vector: feature 0
+  (the scaled column ``x / sxy``) is ``SEPARATION`` beyond the batch's largest,
+  the others are the batch's smallest. Every masked point is then at least
+  ``SEPARATION`` away from every real one, so a permutohedral lattice built on
+  all points has, around the real points, exactly the vertices and blur
+  neighbours of a lattice built on the real points alone; collapsing the
+  masked points adds only ``d + 1`` vertices and widens the key range by
+  ``SEPARATION`` only.
+
+  Args:
+    features: ``[B, H, W, D]`` bandwidth-scaled features.
+    mask: ``[B, H, W, 1]`` (or broadcastable), 1 on real pixels, 0 elsewhere.
+
+  Returns:
+    ``[B, H, W, D]`` features.
+  """
+  lowest = jnp.min(features, axis=(0, 1, 2))
+  far = jnp.max(features[..., 0]) + jnp.asarray(SEPARATION, features.dtype)
+  point = lowest.at[0].set(far)
+  return jnp.where(mask > 0, features, point)
+
+
 def _window_filter_full_res(features, values, window_size: int,
                             include_self: bool):
   """Truncated-window Gaussian filter at the input resolution."""
@@ -170,7 +215,7 @@ def _window_filter_full_res(features, values, window_size: int,
 
 
 def window_filter(features, values, *, window_size: int = 11,
-                  include_self: bool = True, downsample: int = 1):
+                  include_self: bool = True, downsample: int = 1, mask=None):
   """ConvCRF truncated-window Gaussian filter (Teichmann & Cipolla 2018).
 
   ``m_i = sum_{j in W(i)} exp(-|f_i - f_j|^2 / 2) v_j`` with ``W(i)`` the
@@ -192,6 +237,12 @@ def window_filter(features, values, *, window_size: int = 11,
     window_size: odd window side, in (downsampled) pixels.
     include_self: keep the ``j == i`` term.
     downsample: integer downsampling factor ``s >= 1``.
+    mask: optional ``[B, H, W, 1]``, 1 on real pixels: with ``downsample >
+      1`` a cell's feature is the mean over its real pixels only (values
+      are expected to be masked by the caller). At full resolution the mask
+      is not needed (masked values contribute nothing). Near the border of
+      the mask the downsampled result still differs from that of the
+      cropped image (the bilinear upsampling sees the empty cells beyond).
 
   Returns:
     ``[B, H, W, C]`` filtered values.
@@ -207,15 +258,19 @@ def window_filter(features, values, *, window_size: int = 11,
   c = values.shape[-1]
   hp, wp = -(-h // s) * s, -(-w // s) * s
   pad = ((0, 0), (0, hp - h), (0, wp - w), (0, 0))
-  mask = jnp.pad(jnp.ones((b, h, w, 1), values.dtype), pad)
 
   def pool_sum(x):
     x = jnp.pad(x, pad)
     return x.reshape(b, hp // s, s, wp // s, s, x.shape[-1]).sum(axis=(2, 4))
 
-  # Padding is < s, so every cell holds at least one real pixel (count >= 1).
-  count = pool_sum(mask[:, :h, :w])
-  f_low = pool_sum(features) / count
+  if mask is None:
+    # Padding is < s, so every cell holds at least one real pixel.
+    f_low = pool_sum(features) / pool_sum(jnp.ones((b, h, w, 1), features.dtype))
+  else:
+    # Cells wholly outside the mask hold zero values; their features are
+    # irrelevant (any finite value), so the count is clamped at 1.
+    real = jnp.broadcast_to(mask, (b, h, w, 1)).astype(features.dtype)
+    f_low = pool_sum(features * real) / jnp.maximum(pool_sum(real), 1.0)
   v_low = pool_sum(values)
   out_low = _window_filter_full_res(f_low, v_low, window_size, True)
   out = jax.image.resize(out_low, (b, hp, wp, c), method='bilinear')[:, :h, :w]
@@ -252,7 +307,7 @@ def separable_spatial_filter(values, sxy: float, *, include_self: bool = True):
 
 
 def normalized(filter_fn: Callable, values_shape, dtype, normalization: str,
-               include_self: bool = True) -> Callable:
+               include_self: bool = True, mask=None) -> Callable:
   """Wraps a filter with pydensecrf's normalisation, norms computed once.
 
   Args:
@@ -261,9 +316,13 @@ def normalized(filter_fn: Callable, values_shape, dtype, normalization: str,
     values_shape: ``[B, H, W, C]`` shape the returned function will take
       (only ``B, H, W`` matter for the norms).
     dtype: float dtype of the norms.
-    normalization: ``'none'`` or ``'symmetric'`` (see the module docstring).
-    include_self: passed to ``filter_fn`` for the messages; the symmetric norm
-      always uses the full sum ``K 1`` (self included), as pydensecrf does.
+    normalization: ``'none'``, ``'symmetric'`` or ``'after'`` (see the module
+      docstring).
+    include_self: passed to ``filter_fn`` for the messages; the norm always
+      uses the full sum ``K 1`` (self included), as pydensecrf does.
+    mask: optional ``[B, H, W]`` or ``[B, H, W, 1]``, nonzero on the pixels
+      that take part (see the module docstring): values are masked before
+      filtering, messages after, and the norm is ``K mask``. ``None``: all.
 
   Returns:
     ``fn(values) -> messages`` with the same shape as ``values``.
@@ -271,9 +330,41 @@ def normalized(filter_fn: Callable, values_shape, dtype, normalization: str,
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'normalization must be one of {NORMALIZATIONS}, '
                      f'got {normalization!r}')
-  if normalization == 'none':
-    return lambda v: filter_fn(v, include_self)
   b, h, w = values_shape[:3]
-  ones = jnp.ones((b, h, w, 1), dtype)
-  norm = lax.rsqrt(filter_fn(ones, True) + NORM_EPS)
-  return lambda v: norm * filter_fn(norm * v, include_self)
+  if mask is not None:
+    mask = as_mask(mask, (b, h, w), dtype)
+  if normalization == 'none':
+    if mask is None:
+      return lambda v: filter_fn(v, include_self)
+    return lambda v: mask * filter_fn(mask * v, include_self)
+  ones = jnp.ones((b, h, w, 1), dtype) if mask is None else mask
+  degree = filter_fn(ones, True) + NORM_EPS
+  norm = lax.rsqrt(degree) if normalization == 'symmetric' else 1.0 / degree
+  if mask is not None:
+    # Zero (not 1 / eps) outside the mask: masks values and messages.
+    norm = jnp.where(mask > 0, norm, 0.0)
+  if normalization == 'symmetric':
+    return lambda v: norm * filter_fn(norm * v, include_self)
+  if mask is None:
+    return lambda v: norm * filter_fn(v, include_self)
+  return lambda v: norm * filter_fn(mask * v, include_self)
+
+
+def as_mask(mask, shape, dtype):
+  """``mask`` as a ``[B, H, W, 1]`` array of 0/1 in ``dtype``.
+
+  Args:
+    mask: ``[B, H, W]`` or ``[B, H, W, 1]``, bool or numeric (nonzero: in).
+    shape: the expected ``(B, H, W)``.
+    dtype: float dtype of the result.
+
+  Returns:
+    ``[B, H, W, 1]`` array.
+  """
+  mask = jnp.asarray(mask)
+  if mask.ndim == 3:
+    mask = mask[..., None]
+  if mask.shape != tuple(shape) + (1,):
+    raise ValueError(f'mask must be [B, H, W] = {list(shape)}, got shape '
+                     f'{mask.shape}')
+  return (mask != 0).astype(dtype)

@@ -47,8 +47,17 @@ Backends (one interface, ``backend=``):
   (:mod:`flaxseg.crf.lattice`) for both kernels, built once per image and
   reused by every iteration; an approximation of the exact filter.
 
+Padded batches (``mask=``): pixels outside the mask take no part; on the
+pixels inside, the result is that of the image cropped to them (exactly for
+``'exact'`` and for ``'window'`` at ``downsample=1``, up to float rounding
+for ``'permutohedral'``, whose padded points are moved out of the lattice's
+reach; see :mod:`flaxseg.crf.filters`). Pixels outside keep
+``softmax(unary_logits)``.
+
 Everything is a pure function of arrays: usable under ``jit``/``vmap``/``pmap``
-(the batch axis is independent) and differentiable with ``jax.grad``.
+(the batch axis is independent) and differentiable with ``jax.grad``. The
+kernels' weights and bandwidths may be traced values (one compilation serves
+a parameter search).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from flaxseg.crf import feature_grad
 from flaxseg.crf import filters
 from flaxseg.crf import lattice
 
@@ -98,7 +108,8 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
                   appearance=BilateralKernel(), backend: str = 'exact',
                   window_size: int = 11, downsample: int = 1,
                   normalization: str = 'symmetric',
-                  include_self: bool = True, dtype=jnp.float32):
+                  include_self: bool = True, dtype=jnp.float32, mask=None,
+                  feature_gradients: bool = False):
   """The message functions of the enabled kernels, norms precomputed.
 
   Args:
@@ -109,9 +120,16 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
     backend: ``'exact'``, ``'window'`` or ``'permutohedral'``.
     window_size, downsample: the window backend's appearance-kernel window (odd
       side, in downsampled pixels) and downsampling factor.
-    normalization: ``'none'`` or ``'symmetric'`` (pydensecrf's default).
+    normalization: ``'none'``, ``'symmetric'`` (pydensecrf's default) or
+      ``'after'`` (CRF-as-RNN's).
     include_self: keep the ``j == i`` term in the messages (pydensecrf does).
     dtype: float dtype of the features and norms.
+    mask: optional ``[B, H, W]``, nonzero on the pixels that take part (e.g.
+      the unpadded region of each image); ``None``: every pixel.
+    feature_gradients: let gradients reach the kernels' bandwidths (and the
+      image) through the permutohedral filter as well
+      (:mod:`flaxseg.crf.feature_grad`); the exact and window filters are
+      differentiable in their features anyway.
 
   Returns:
     ``(fns, weights)``: lists of ``fn(Q [B,H,W,L]) -> [B,H,W,L]`` and of the
@@ -124,26 +142,44 @@ def build_filters(image, num_labels: int, *, smoothness=GaussianKernel(),
     raise ValueError(f'image must be [B, H, W, 3], got shape {image.shape}')
   b, h, w, _ = image.shape
   shape = (b, h, w, num_labels)
+  if mask is not None:
+    mask = filters.as_mask(mask, (b, h, w), dtype)
+
+  def build_lattice(features):
+    # Masked-out points cannot be left out of the fixed-size lattice: move
+    # them out of reach of the real ones instead.
+    if mask is not None:
+      features = filters.separate_masked(features, mask)
+    return lattice.build_lattice_batch(jax.lax.stop_gradient(features))
+
+  def lattice_fn(features):
+    lat = build_lattice(features)
+    if feature_gradients:
+      return functools.partial(_lattice_features, lat, features)
+    return functools.partial(_lattice, lat)
+
   fns, weights = [], []
   if smoothness is not None:
     if backend in ('exact', 'permutohedral'):
       pos = jnp.broadcast_to(
           filters.position_features(h, w, smoothness.sxy, dtype), (b, h, w, 2))
       raw = (functools.partial(_exact, pos) if backend == 'exact' else
-             functools.partial(_lattice, lattice.build_lattice_batch(pos)))
+             lattice_fn(pos))
     else:
       raw = functools.partial(_separable, smoothness.sxy)
-    fns.append(filters.normalized(raw, shape, dtype, normalization, include_self))
+    fns.append(filters.normalized(raw, shape, dtype, normalization,
+                                  include_self, mask))
     weights.append(smoothness.weight)
   if appearance is not None:
     feats = filters.bilateral_features(image, appearance.sxy, appearance.srgb)
     if backend == 'exact':
       raw = functools.partial(_exact, feats)
     elif backend == 'permutohedral':
-      raw = functools.partial(_lattice, lattice.build_lattice_batch(feats))
+      raw = lattice_fn(feats)
     else:
-      raw = functools.partial(_window, feats, window_size, downsample)
-    fns.append(filters.normalized(raw, shape, dtype, normalization, include_self))
+      raw = functools.partial(_window, feats, window_size, downsample, mask)
+    fns.append(filters.normalized(raw, shape, dtype, normalization,
+                                  include_self, mask))
     weights.append(appearance.weight)
   return fns, weights
 
@@ -156,13 +192,21 @@ def _lattice(lat, values, include_self):
   return lattice.permutohedral_filter(lat, values, include_self=include_self)
 
 
+def _lattice_features(lat, features, values, include_self):
+  # Masked points were moved in the lattice only; their values are zero, so
+  # their (unmoved) features add nothing to the gradient of the real ones.
+  return feature_grad.permutohedral_filter_features(
+      lat, features, values, include_self=include_self)
+
+
 def _separable(sxy, values, include_self):
   return filters.separable_spatial_filter(values, sxy, include_self=include_self)
 
 
-def _window(features, window_size, downsample, values, include_self):
+def _window(features, window_size, downsample, mask, values, include_self):
   return filters.window_filter(features, values, window_size=window_size,
-                               include_self=include_self, downsample=downsample)
+                               include_self=include_self, downsample=downsample,
+                               mask=mask)
 
 
 def pairwise_term(q, message_fns: Sequence[Callable], weights,
@@ -220,7 +264,8 @@ def dense_crf(unary_logits, image, *, num_iterations: int = 5,
               appearance: Optional[BilateralKernel] = BilateralKernel(),
               compatibility=None, backend: str = 'exact',
               window_size: int = 11, downsample: int = 1,
-              normalization: str = 'symmetric', include_self: bool = True):
+              normalization: str = 'symmetric', include_self: bool = True,
+              mask=None):
   """Mean-field inference in the dense CRF, pydensecrf's iteration order.
 
   Args:
@@ -235,8 +280,12 @@ def dense_crf(unary_logits, image, *, num_iterations: int = 5,
       ``'permutohedral'`` (pydensecrf's lattice).
     window_size: odd window side of the window backend's appearance kernel.
     downsample: the window backend's downsampling factor.
-    normalization: ``'symmetric'`` (pydensecrf's default) or ``'none'``.
+    normalization: ``'symmetric'`` (pydensecrf's default), ``'after'``
+      (CRF-as-RNN's) or ``'none'``.
     include_self: keep the ``j == i`` message term, as pydensecrf does.
+    mask: optional ``[B, H, W]``, nonzero on the pixels that take part (each
+      image's unpadded region in a padded batch): inside, ``Q`` is the CRF of
+      the image cropped to the mask; outside, ``softmax(unary_logits)``.
 
   Returns:
     ``[B, H, W, L]`` marginals ``Q``.
@@ -253,7 +302,7 @@ def dense_crf(unary_logits, image, *, num_iterations: int = 5,
       image, unary_logits.shape[-1], smoothness=smoothness,
       appearance=appearance, backend=backend, window_size=window_size,
       downsample=downsample, normalization=normalization,
-      include_self=include_self, dtype=dtype)
+      include_self=include_self, dtype=dtype, mask=mask)
   q = jax.nn.softmax(unary_logits, axis=-1)
   step = lambda _, q: meanfield_step(unary_logits, q, fns, weights,
                                      compatibility)

@@ -24,6 +24,8 @@ def np_filter(features, values, include_self, normalization):
       np.fill_diagonal(k, 0.0)
     if normalization == 'none':
       out[n] = k @ v[n]
+    elif normalization == 'after':   # CRF-as-RNN: K v / (K 1)
+      out[n] = (k @ v[n]) / (full.sum(1) + 1e-20)[:, None]
     else:
       norm = 1.0 / np.sqrt(full.sum(1) + 1e-20)  # K 1, self included.
       out[n] = norm[:, None] * (k @ (norm[:, None] * v[n]))
@@ -43,7 +45,7 @@ def run_normalized(fn, values, normalization, include_self=True):
                       include_self)(values)
 
 
-@pytest.mark.parametrize('normalization', ['none', 'symmetric'])
+@pytest.mark.parametrize('normalization', ['none', 'symmetric', 'after'])
 @pytest.mark.parametrize('include_self', [True, False])
 def test_exact_matches_brute_force(normalization, include_self):
   rng = np.random.default_rng(0)

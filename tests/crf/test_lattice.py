@@ -159,15 +159,15 @@ def test_dense_crf_jit_batch_normalisations():
   img, _ = blocky_image(H, W, 3, seed=5)
   image = jnp.asarray(np.stack([img, img[:, ::-1]]), jnp.float32)
   logits = jnp.asarray(rng.normal(size=(2, H, W, 3)), jnp.float32)
-  for norm in ('none', 'symmetric'):
-    for include_self in (True, False):
-      kw = dict(num_iterations=3, backend='permutohedral', normalization=norm,
-                include_self=include_self)
-      crf = jax.jit(lambda l, i: M.dense_crf(l, i, **kw))
-      q = crf(logits, image)
-      np.testing.assert_allclose(q[1:], crf(logits[1:], image[1:]),
-                                 rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(jnp.sum(q, -1), 1.0, rtol=1e-5)
+  for norm, include_self in (('none', False), ('after', True),
+                             ('symmetric', False), ('symmetric', True)):
+    kw = dict(num_iterations=3, backend='permutohedral', normalization=norm,
+              include_self=include_self)
+    crf = jax.jit(lambda l, i, kw=kw: M.dense_crf(l, i, **kw))
+    q = crf(logits, image)
+    np.testing.assert_allclose(q[1:], crf(logits[1:], image[1:]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.sum(q, -1), 1.0, rtol=1e-5)
   # Eager (un-jitted) gives the same result as jit (last configuration).
   np.testing.assert_allclose(q, M.dense_crf(logits, image, **kw),
                              rtol=1e-5, atol=1e-6)
