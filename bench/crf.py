@@ -2,6 +2,7 @@
 
   python bench/crf.py                      # 240x320 and 500x375, 21 classes
   python bench/crf.py --sizes 240x320 --repeats 5 --json out.json
+  python bench/crf.py --backends permutohedral,window,window/4
 
 For each size it builds one synthetic image (coloured blocks plus noise) and
 random softmax unaries, runs pydensecrf2 (if installed) and each flaxseg
@@ -10,6 +11,11 @@ appearance sxy=80 srgb=13 w=10; 5 iterations), and prints the median time of
 ``--repeats`` runs (jit compile excluded, reported separately), the ratio
 pydensecrf_time / backend_time (> 1 means flaxseg is faster), and the label
 agreement and max |dQ| against pydensecrf.
+
+Backends: ``exact`` (O(N^2) memory: small sizes only), ``permutohedral``,
+``window`` (ConvCRF's 11x11 window at full resolution) and ``window/S`` (the
+same window on a grid downsampled by ``S``; ConvCRF's default is ``blur=4``,
+Teichmann & Cipolla 2018).
 """
 
 import argparse
@@ -63,8 +69,9 @@ def main():
   parser.add_argument('--labels', type=int, default=21)
   parser.add_argument('--iterations', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--backends', default='permutohedral,window',
-                      help="flaxseg backends ('exact' is O(N^2): small only)")
+  parser.add_argument('--backends', default='permutohedral,window,window/4',
+                      help="flaxseg backends ('exact' is O(N^2): small only; "
+                      "'window/S' downsamples by S)")
   parser.add_argument('--json', default='', help='write the results here')
   args = parser.parse_args()
 
@@ -82,8 +89,9 @@ def main():
     logits = meanfield.logits_from_probabilities(jnp.asarray(probs))[None]
     img = jnp.asarray(image, jnp.float32)[None]
     for backend in args.backends.split(','):
-      fn = jax.jit(lambda l, i, b=backend: meanfield.dense_crf(
-          l, i, backend=b, num_iterations=args.iterations))
+      name, _, factor = backend.partition('/')
+      fn = jax.jit(lambda l, i, b=name, s=int(factor or 1): meanfield.dense_crf(
+          l, i, backend=b, downsample=s, num_iterations=args.iterations))
       t = time.perf_counter()
       jax.block_until_ready(fn(logits, img))
       compile_s = time.perf_counter() - t

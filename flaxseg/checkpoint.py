@@ -21,7 +21,9 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 class CheckpointError(RuntimeError):
@@ -51,13 +53,14 @@ class Checkpoints:
     directory: where step directories live (made absolute).
     max_to_keep: how many recent checkpoints to keep.
     async_save: write in a background thread (call ``wait`` before exit).
+    create: create ``directory`` if missing (``False`` for read-only use).
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, create: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
+        max_to_keep=max_to_keep, create=create,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -136,3 +139,105 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+# -- initialising a run from another run's weights ----------------------------
+def _checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
+  """``(checkpoints directory, step or None)`` for a workdir, a checkpoints
+  directory or one step directory."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'init_from: {path} is not a directory (expected a '
+                          'flaxseg workdir, its checkpoints/ or a step '
+                          'directory)')
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return os.path.dirname(path), int(name)
+  return path, None
+
+
+def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """The model variables and metadata of another run's checkpoint.
+
+  Args:
+    path: a flaxseg workdir (its latest checkpoint), its ``checkpoints``
+      directory, or one step directory (``.../checkpoints/STEP``).
+
+  Returns:
+    ``({'params': ..., 'batch_stats': ...}, meta)`` as host arrays; nothing
+    is written or created.
+
+  Raises:
+    CheckpointError: naming ``path`` when it holds no readable checkpoint.
+  """
+  directory, step = _checkpoint_location(path)
+  ckpts = Checkpoints(directory, async_save=False, create=False)
+  try:
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'init_from: no checkpoint in {directory}')
+    where = os.path.join(directory, str(step))
+    try:
+      meta = ckpts.read_meta(step)
+      restored = ckpts.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'init_from: cannot read checkpoint {where} '
+                            f'({e})') from e
+  finally:
+    ckpts.close()
+  state = restored['state']
+  variables = {'params': jax.device_get(state['params']),
+               'batch_stats': jax.device_get(state.get('batch_stats') or {})}
+  return variables, dict(meta, source=where)
+
+
+def merge_variables(target: Dict[str, Any], source: Dict[str, Any],
+                    source_name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """``target`` with every array that ``source`` has at the same path.
+
+  Paths of ``source`` must all exist in ``target`` with the same shapes; paths
+  only in ``target`` keep their values (e.g. CRF-RNN's ``crf`` layer when
+  starting from FCN-8s).
+
+  Args:
+    target: freshly initialised ``{'params', 'batch_stats'}``.
+    source: loaded variables (same collections).
+    source_name: for messages (the checkpoint path).
+
+  Returns:
+    ``(merged, {'loaded': [...], 'kept': [...]})`` with ``/``-joined paths.
+
+  Raises:
+    CheckpointError: naming every unexpected or wrongly shaped array, or when
+      nothing matches.
+  """
+  merged, loaded, kept, problems = {}, [], [], []
+  for collection in ('params', 'batch_stats'):
+    tgt = traverse_util.flatten_dict(target.get(collection) or {}, sep='/')
+    src = traverse_util.flatten_dict(source.get(collection) or {}, sep='/')
+    for key in sorted(set(src) - set(tgt)):
+      problems.append(f'{collection}/{key}: in the checkpoint, not in the '
+                      'model')
+    out = {}
+    for key, value in tgt.items():
+      if key not in src:
+        kept.append(f'{collection}/{key}')
+        out[key] = value
+      elif tuple(src[key].shape) != tuple(value.shape):
+        problems.append(f'{collection}/{key}: checkpoint shape '
+                        f'{tuple(src[key].shape)}, model shape '
+                        f'{tuple(value.shape)}')
+      else:
+        loaded.append(f'{collection}/{key}')
+        out[key] = jnp.asarray(src[key], value.dtype)
+    merged[collection] = traverse_util.unflatten_dict(out, sep='/')
+  if problems:
+    raise CheckpointError(f'init_from {source_name}: the checkpoint does not '
+                          'fit the model:\n  ' + '\n  '.join(problems))
+  if not loaded:
+    raise CheckpointError(f'init_from {source_name}: no array of the '
+                          'checkpoint matches the model')
+  return merged, {'loaded': loaded, 'kept': kept}

@@ -9,7 +9,11 @@ which rejects unknown ones itself (``flaxseg.models.create_model``).
 
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
+
+from flaxseg.crf.meanfield import BACKENDS as CRF_BACKENDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +29,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'deeplabv3_resnet101'
   c.model.dtype = 'float32'
+  # Start a fresh run from another run's weights: a flaxseg workdir, its
+  # checkpoints/ or one step directory. Every array of that checkpoint must
+  # exist in this model with the same shape; arrays it lacks keep their
+  # initial values (CRF-RNN's stage 2 from an FCN-8s run). Ignored when the
+  # workdir already has checkpoints (the run resumes from those).
+  c.model.init_from = ''
 
   c.data = ml_collections.ConfigDict()
   # 'voc' reads data.root (+ data.sbd_root for train_aug); 'synthetic'
@@ -80,6 +90,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 2000       # 0: only at the end
   c.eval.num_images = -1          # -1: the whole split
   c.eval.num_visualize = 8        # prediction pictures written per eval
+  # Dense-CRF post-processing of the eval predictions (DeepLab v1/v2): the
+  # upsampled logits are the unary (-U = log softmax), mean-field inference
+  # as flaxseg.crf.dense_crf, then the argmax. Off here; the DeepLab v1/v2
+  # recipes turn it on. The values are DeepLab v1 LargeFOV's (Chen et al.,
+  # ICLR 2015, sec. 4.1: 10 mean-field iterations, w2 = 3 and sigma_gamma = 3
+  # fixed, w1 / sigma_alpha / sigma_beta cross-validated on 100 val images;
+  # the released DeepLab-LargeFOV model's settings in deeplab-public:
+  # bi_w=4, bi_xy_std=121, bi_rgb_std=5, pos_w=3, pos_xy_std=3). Bandwidths
+  # are in pixels and 0..255 colour units, tuned for VOC's <= 500 px images.
+  c.eval.crf = ml_collections.ConfigDict()
+  c.eval.crf.enabled = False
+  c.eval.crf.num_iterations = 10
+  c.eval.crf.bi_w = 4.0           # appearance (bilateral) kernel weight w1
+  c.eval.crf.bi_xy_std = 121.0    # its spatial std sigma_alpha (pixels)
+  c.eval.crf.bi_rgb_std = 5.0     # its colour std sigma_beta (0..255 units)
+  c.eval.crf.pos_w = 3.0          # smoothness (positional) kernel weight w2
+  c.eval.crf.pos_xy_std = 3.0     # its spatial std sigma_gamma (pixels)
+  # 'permutohedral' (pydensecrf's lattice, what DeepLab used), 'exact'
+  # (O(N^2) memory: small images only) or 'window' (ConvCRF, 11x11 window).
+  c.eval.crf.backend = 'permutohedral'
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
@@ -115,3 +145,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError('unknown or malformed config keys: ' +
                      ', '.join(f'config.{k}' for k in unknown))
+  if 'crf' in config.get('eval', {}):
+    validate_crf(config.eval.crf)
+
+
+def validate_crf(crf) -> None:
+  """Raises ``ValueError`` naming each bad value of a ``config.eval.crf``.
+
+  Args:
+    crf: the ``eval.crf`` section (keys as in :func:`default_config`).
+  """
+  errors = []
+
+  def number(key, minimum, strict):
+    if key not in crf:
+      return
+    value = crf[key]
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and (value > minimum if strict else value >= minimum))
+    if not ok:
+      errors.append(f'config.eval.crf.{key}={value!r} must be a number '
+                    f'{">" if strict else ">="} {minimum}')
+
+  if 'enabled' in crf and not isinstance(crf.enabled, bool):
+    errors.append(f'config.eval.crf.enabled={crf.enabled!r} must be True or '
+                  'False')
+  if 'num_iterations' in crf and not (
+      isinstance(crf.num_iterations, int)
+      and not isinstance(crf.num_iterations, bool)
+      and crf.num_iterations >= 0):
+    errors.append(f'config.eval.crf.num_iterations={crf.num_iterations!r} '
+                  'must be an integer >= 0')
+  for key in ('bi_w', 'pos_w'):
+    number(key, 0, strict=False)
+  for key in ('bi_xy_std', 'bi_rgb_std', 'pos_xy_std'):
+    number(key, 0, strict=True)
+  if 'backend' in crf and crf.backend not in CRF_BACKENDS:
+    errors.append(f'config.eval.crf.backend={crf.backend!r} must be one of '
+                  f'{CRF_BACKENDS}')
+  if errors:
+    raise ValueError('invalid CRF settings: ' + '; '.join(errors))

@@ -60,3 +60,56 @@ def test_empty_directory(tmp_path):
   assert c.latest_step() is None
   with pytest.raises(CheckpointError, match='no checkpoint'):
     c.restore(_tree(), META)
+
+
+def _run_checkpoint(workdir):
+  c = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False)
+  c.save(3, {'step': jnp.asarray(3, jnp.int32),
+             'params': {'score': {'kernel': jnp.full((2, 3), 2.0)},
+                        'backbone': {'bias': jnp.ones((3,))}},
+             'batch_stats': {}}, dict(META, step=3))
+  c.close()
+
+
+def test_init_from_loads_matching_arrays_and_keeps_the_rest(tmp_path):
+  from flaxseg.checkpoint import load_variables, merge_variables
+  _run_checkpoint(str(tmp_path / 'run'))
+  target = {'params': {'score': {'kernel': jnp.zeros((2, 3))},
+                       'backbone': {'bias': jnp.zeros((3,))},
+                       'crf': {'compatibility': -jnp.eye(3)}},
+            'batch_stats': {}}
+  for path in (tmp_path / 'run', tmp_path / 'run' / 'checkpoints',
+               tmp_path / 'run' / 'checkpoints' / '3'):
+    source, meta = load_variables(str(path))
+    assert meta['step'] == 3 and meta['source'].endswith('3')
+    merged, report = merge_variables(target, source, str(path))
+    np.testing.assert_array_equal(merged['params']['score']['kernel'], 2.0)
+    np.testing.assert_array_equal(merged['params']['crf']['compatibility'],
+                                  -np.eye(3))
+    assert report['kept'] == ['params/crf/compatibility']
+    assert len(report['loaded']) == 2
+
+
+def test_init_from_errors_name_the_path_and_the_arrays(tmp_path):
+  from flaxseg.checkpoint import load_variables, merge_variables
+  missing = tmp_path / 'nowhere'
+  with pytest.raises(CheckpointError, match='nowhere'):
+    load_variables(str(missing))
+  assert not missing.exists()
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(CheckpointError, match='no checkpoint'):
+    load_variables(str(tmp_path / 'empty'))
+  _run_checkpoint(str(tmp_path / 'run'))
+  source, _ = load_variables(str(tmp_path / 'run'))
+  wrong = {'params': {'score': {'kernel': jnp.zeros((2, 4))}},
+           'batch_stats': {}}
+  with pytest.raises(CheckpointError) as e:
+    merge_variables(wrong, source, 'RUN')
+  assert 'params/score/kernel: checkpoint shape (2, 3), model shape (2, 4)' in (
+      str(e.value))
+  assert 'params/backbone/bias: in the checkpoint, not in the model' in str(
+      e.value)
+  with pytest.raises(CheckpointError, match='no array'):
+    merge_variables({'params': {'other': {'w': jnp.zeros(1)}},
+                     'batch_stats': {}}, {'params': {}, 'batch_stats': {}},
+                    'RUN')

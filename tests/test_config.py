@@ -57,3 +57,45 @@ def test_unknown_variant_is_named():
   module = load_recipe(os.path.join(ROOT, 'configs', 'deeplabv3.py'))
   with pytest.raises(ValueError, match='nope'):
     module.get_config('nope')
+
+
+def _crf_values(config):
+  crf = config.eval.crf
+  return (crf.enabled, crf.num_iterations, crf.bi_w, crf.bi_xy_std,
+          crf.bi_rgb_std, crf.pos_w, crf.pos_xy_std, crf.backend)
+
+
+def test_crf_defaults_are_the_papers():
+  # Off by default; DeepLab v1 LargeFOV's values (ICLR 2015, sec. 4.1).
+  assert _crf_values(default_config()) == (
+      False, 10, 4.0, 121.0, 5.0, 3.0, 3.0, 'permutohedral')
+  v1 = load_recipe(os.path.join(ROOT, 'configs', 'deeplabv1.py'))
+  assert _crf_values(v1.get_config()) == (
+      True, 10, 4.0, 121.0, 5.0, 3.0, 3.0, 'permutohedral')
+  assert not v1.get_config('tiny').eval.crf.enabled
+  # DeepLab v2 ResNet-101 (TPAMI 2017, sec. 4.1).
+  v2 = load_recipe(os.path.join(ROOT, 'configs', 'deeplabv2.py'))
+  assert _crf_values(v2.get_config()) == (
+      True, 10, 4.0, 67.0, 3.0, 3.0, 1.0, 'permutohedral')
+  assert not v2.get_config('tiny').eval.crf.enabled
+
+
+@pytest.mark.parametrize('key,value', [
+    ('bi_xy_std', 0.0), ('bi_rgb_std', -1.0), ('pos_xy_std', float('nan')),
+    ('bi_w', -0.5), ('pos_w', 'three'), ('num_iterations', -1),
+    ('num_iterations', 2.5), ('backend', 'lattice'), ('enabled', 'yes')])
+def test_bad_crf_value_is_named(key, value):
+  c = default_config()
+  with c.unlocked():
+    c.eval.crf[key] = None   # drop the field's type check
+    c.eval.crf[key] = value
+  with pytest.raises(ValueError, match=f'config.eval.crf.{key}='):
+    validate_config(c)
+
+
+def test_unknown_crf_key_is_named():
+  c = default_config()
+  with c.unlocked():
+    c.eval.crf.bi_ww = 4.0
+  with pytest.raises(ValueError, match='config.eval.crf.bi_ww'):
+    validate_config(c)

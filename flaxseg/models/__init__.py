@@ -14,8 +14,8 @@ from typing import Callable, Dict, List
 
 import flax.linen as nn
 
-from flaxseg.models import (deeplab, deeplab_v1, deeplab_v2, deeplab_v3plus,
-                            fcn, fcn_tv, unet)
+from flaxseg.models import (crfasrnn, deeplab, deeplab_v1, deeplab_v2,
+                            deeplab_v3plus, fcn, fcn_tv, unet)
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -92,7 +92,7 @@ def create_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
 
 
 for _constructor in (
-    fcn.fcn32s, fcn.fcn16s, fcn.fcn8s,
+    fcn.fcn32s, fcn.fcn16s, fcn.fcn8s, crfasrnn.crfasrnn,
     fcn_tv.fcn_resnet50_tv, fcn_tv.fcn_resnet101_tv,
     unet.unet_original, unet.unet,
     deeplab_v1.deeplabv1_largefov,

@@ -3,8 +3,10 @@
 One run = data (VOC reader + tf.data), model from the registry, optax
 optimizer, the per-shard steps mapped by ``DataParallel``, Orbax checkpoints in
 ``WORKDIR/checkpoints`` (resumed automatically from the latest), periodic
-evaluation (streaming confusion matrix -> mIoU), logs on stdout and in
-TensorBoard (``WORKDIR``), prediction pictures in ``WORKDIR/predictions``.
+evaluation (streaming confusion matrix -> mIoU, after dense-CRF
+post-processing when ``config.eval.crf.enabled``, with the network's own mIoU
+reported beside it), logs on stdout and in TensorBoard (``WORKDIR``),
+prediction pictures in ``WORKDIR/predictions``.
 
 Resuming is exact: the state is restored bit for bit, the data stream restarts
 at the restored step (it is a pure function of seed and step), and dropout keys
@@ -28,7 +30,8 @@ from clu import metric_writers
 
 from flaxseg import metrics as metrics_lib
 from flaxseg import models, viz
-from flaxseg.checkpoint import Checkpoints, CheckpointError
+from flaxseg.checkpoint import (Checkpoints, CheckpointError, load_variables,
+                                merge_variables)
 from flaxseg.config import validate_config
 from flaxseg.data import pipeline, synthetic, voc
 from flaxseg.train import optim, parallel, step as step_lib
@@ -108,8 +111,42 @@ def build_model(config, axis_name: Optional[str] = parallel.AXIS):
   """The model named by ``config.model`` with synchronised BatchNorm."""
   kwargs = dict(config.model)
   name = kwargs.pop('name')
+  kwargs.pop('init_from', None)    # the trainer's (init_from_checkpoint)
+  accepted = models.accepted_kwargs(name)
+  # Models that need raw colours (CRF-RNN) undo the data's normalisation.
+  for key, value in (('pixel_mean', config.data.mean),
+                     ('pixel_std', config.data.std)):
+    if key in accepted and key not in kwargs:
+      kwargs[key] = tuple(value)
   return models.create_model(name, num_classes=config.data.num_classes,
                              bn_axis_name=axis_name, **kwargs)
+
+
+def init_from_checkpoint(config, state: TrainState) -> TrainState:
+  """``state`` with the weights of ``config.model.init_from`` (if set).
+
+  The optimizer state is re-initialised for the new parameters; the step
+  stays 0. Arrays the source lacks keep their initial values.
+
+  Raises:
+    CheckpointError: naming the path, and every array that does not fit.
+  """
+  source = config.model.get('init_from') or ''
+  if not source:
+    return state
+  loaded, meta = load_variables(source)
+  merged, report = merge_variables(
+      {'params': state.params, 'batch_stats': state.batch_stats}, loaded,
+      meta['source'])
+  _log(f'initialised {len(report["loaded"])} arrays from {meta["source"]} '
+       f'(model {meta.get("model", {}).get("name", "?")}, step '
+       f'{meta.get("step", "?")}); {len(report["kept"])} keep their initial '
+       'values' + (f': {", ".join(report["kept"][:8])}'
+                   + (' ...' if len(report['kept']) > 8 else '')
+                   if report['kept'] else ''))
+  return state.replace(params=merged['params'],
+                       batch_stats=merged['batch_stats'],
+                       opt_state=state.tx.init(merged['params']))
 
 
 def initial_state(config, model) -> TrainState:
@@ -122,13 +159,25 @@ def initial_state(config, model) -> TrainState:
 
 def run_meta(config) -> Dict[str, Any]:
   """What a checkpoint records about the run that wrote it."""
+  # init_from only says where step 0 came from: not part of the model, so a
+  # run resumes (or is evaluated) whatever it says.
+  model = {k: v for k, v in config.model.to_dict().items() if k != 'init_from'}
   return {
-      'model': config.model.to_dict(),
+      'model': model,
+      'init_from': config.model.get('init_from') or '',
       'num_classes': int(config.data.num_classes),
       'data': {'seed': int(config.seed),
                'global_batch_size': int(config.data.batch_size),
                'crop_size': int(config.data.crop_size)},
   }
+
+
+def crf_settings(config) -> Optional[Dict[str, Any]]:
+  """``config.eval.crf`` as ``step.crf_refine`` settings, or None when off."""
+  crf = config.eval.get('crf')
+  if crf is None or not crf.enabled:
+    return None
+  return {k: crf[k] for k in step_lib.CRF_KEYS}
 
 
 def restore_latest(ckpts: Checkpoints, state: TrainState, config,
@@ -138,6 +187,20 @@ def restore_latest(ckpts: Checkpoints, state: TrainState, config,
                              check_keys=('model', 'num_classes', 'data'))
   del meta
   return state.replace_from_checkpoint(tree)
+
+
+def restore_for_eval(config, workdir: str, step: Optional[int] = None
+                     ) -> TrainState:
+  """The host state of ``workdir``'s latest (or given) checkpoint.
+
+  Raises:
+    CheckpointError: when there is no checkpoint (or it is another model's).
+  """
+  state = initial_state(config, build_model(config))
+  ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  if ckpts.latest_step() is None:
+    raise CheckpointError(f'no checkpoint in {ckpts.directory}')
+  return restore_latest(ckpts, state, config, step)
 
 
 def _train_stream(config, records, start_step: int):
@@ -170,7 +233,10 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
     writer: optional clu metric writer for TensorBoard images.
 
   Returns:
-    The dict of ``metrics.segmentation_scores``.
+    The dict of ``metrics.segmentation_scores`` (after the CRF when
+    ``config.eval.crf.enabled``) with ``confusion``; with the CRF on, also
+    ``no_crf`` (the network's own scores on the same images) and ``crf`` (the
+    settings used).
   """
   data = config.data
   if config.eval.num_images >= 0:
@@ -182,11 +248,15 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
       process_index=jax.process_index(), process_count=jax.process_count(),
       mean=tuple(data.mean), std=tuple(data.std))
   cm = np.zeros((data.num_classes,) * 2, np.int64)
+  cm_no_crf = np.zeros_like(cm)
   panels = []
   for batch in ds.as_numpy_iterator():
-    inputs = {k: batch[k] for k in ('image', 'label', 'valid')}
+    inputs = {k: batch[k] for k in ('image', 'label', 'valid', 'height',
+                                    'width')}
     out = p_eval(dstate, dp.put_batch(inputs))
     cm += dp.fetch(out['confusion']).astype(np.int64)
+    if 'confusion_no_crf' in out:
+      cm_no_crf += dp.fetch(out['confusion_no_crf']).astype(np.int64)
     if len(panels) < config.eval.num_visualize and jax.process_index() == 0:
       pred = dp.fetch(out['prediction'], parallel.SHARDED)
       for i in range(len(pred)):
@@ -198,6 +268,12 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
               image, batch['label'][i, :h, :w], pred[i, :h, :w])))
   scores = metrics_lib.segmentation_scores(cm, class_names(config))
   scores['confusion'] = cm
+  if crf_settings(config) is not None:
+    # The same images without the CRF: what the post-processing adds.
+    scores['no_crf'] = metrics_lib.segmentation_scores(cm_no_crf,
+                                                       class_names(config))
+    scores['no_crf']['confusion'] = cm_no_crf
+    scores['crf'] = crf_settings(config)
   if workdir and panels and jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'predictions', f'step_{step}')
     for index, panel in panels:
@@ -214,7 +290,18 @@ def _scalar_scores(scores) -> Dict[str, float]:
          'eval/mean_accuracy': scores['mean_accuracy']}
   out.update({f'eval_iou/{k}': v for k, v in scores['per_class'].items()
               if v == v})
+  if 'no_crf' in scores:
+    out['eval/miou_no_crf'] = scores['no_crf']['miou']
+    out['eval/pixel_accuracy_no_crf'] = scores['no_crf']['pixel_accuracy']
   return out
+
+
+def _eval_summary(scores) -> str:
+  """One log line: mIoU, and the network's own when the CRF is on."""
+  text = f'mIoU {scores["miou"]:.4f}'
+  if 'no_crf' in scores:
+    text += f' with the dense CRF ({scores["no_crf"]["miou"]:.4f} without)'
+  return text
 
 
 def _map_steps(config, dp):
@@ -224,10 +311,17 @@ def _map_steps(config, dp):
                         scale_loss_weight=config.train.scale_loss_weight,
                         normalize_loss=config.train.normalize_loss),
       (parallel.REPLICATED, parallel.REPLICATED), donate_state=True)
+  crf = crf_settings(config)
+  out_kinds = {'confusion': parallel.REPLICATED,
+               'prediction': parallel.SHARDED}
+  if crf is not None:
+    out_kinds['confusion_no_crf'] = parallel.REPLICATED
   p_eval = dp.map(
       functools.partial(step_lib.eval_step,
-                        num_classes=config.data.num_classes),
-      {'confusion': parallel.REPLICATED, 'prediction': parallel.SHARDED})
+                        num_classes=config.data.num_classes, crf=crf,
+                        mean=tuple(config.data.mean),
+                        std=tuple(config.data.std)),
+      out_kinds)
   return p_train, p_eval
 
 
@@ -267,6 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if ckpts.latest_step() is not None:
     state = restore_latest(ckpts, state, config)
     _log(f'resumed from {ckpts.directory} at step {int(state.step)}')
+  else:
+    state = init_from_checkpoint(config, state)
   start = int(state.step)
   total = int(config.train.num_steps)
   schedule = optim.learning_rate_schedule(config.optim, total)
@@ -317,13 +413,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       scores = evaluate(config, dp, p_eval, dstate, eval_records, step=step,
                         workdir=workdir, writer=writer)
       writer.write_scalars(step, _scalar_scores(scores))
-      _log(f'eval at step {step}: mIoU {scores["miou"]:.4f}')
+      _log(f'eval at step {step}: {_eval_summary(scores)}')
   if total > start:
     save(total, pending)
   scores = evaluate(config, dp, p_eval, dstate, eval_records, step=total,
                     workdir=workdir, writer=writer)
   writer.write_scalars(total, _scalar_scores(scores))
-  _log(metrics_lib.format_iou_table(scores))
+  _log_scores(scores)
   _write_json(workdir, total, scores)
   ckpts.wait()
   ckpts.close()
@@ -335,22 +431,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> Dict[str, Any]:
   """Evaluates the latest (or given) checkpoint of ``workdir`` on the eval split.
 
-  Prints the per-class IoU table and writes ``WORKDIR/eval_STEP.json``.
+  Prints the per-class IoU table and writes ``WORKDIR/eval_STEP.json``
+  (with ``config.eval.crf.enabled``: the CRF's scores, and the network's own
+  under ``no_crf``).
   """
   validate_config(config)
   root = dataset_root(config, workdir)
   eval_records = voc.list_records(root, config.data.eval_split)
   dp = parallel.DataParallel(config.parallel)
-  model = build_model(config)
-  state = initial_state(config, model)
-  ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  if ckpts.latest_step() is None:
-    raise CheckpointError(f'no checkpoint in {ckpts.directory}')
-  state = restore_latest(ckpts, state, config, step)
+  state = restore_for_eval(config, workdir, step)
   _, p_eval = _map_steps(config, dp)
   scores = evaluate(config, dp, p_eval, dp.put_state(state), eval_records,
                     step=int(state.step), workdir=workdir)
-  _log(metrics_lib.format_iou_table(scores))
+  _log_scores(scores)
   _write_json(workdir, int(state.step), scores)
   return scores
 
@@ -373,12 +466,30 @@ def _check_finite(pending, step: int) -> Dict[str, float]:
           if k != 'finite'}
 
 
-def _write_json(workdir: str, step: int, scores) -> None:
-  if jax.process_index() != 0:
-    return
+def _log_scores(scores) -> None:
+  if 'no_crf' in scores:
+    _log('without the dense CRF:\n' +
+         metrics_lib.format_iou_table(scores['no_crf']))
+    _log(f'with the dense CRF ({scores["crf"]}):')
+  _log(metrics_lib.format_iou_table(scores))
+  if 'no_crf' in scores:
+    _log(_eval_summary(scores))
+
+
+def _json_scores(scores) -> Dict[str, Any]:
   out = {k: v for k, v in scores.items() if k in (
       'miou', 'pixel_accuracy', 'mean_accuracy', 'per_class')}
   out['confusion'] = np.asarray(scores['confusion']).tolist()
+  return out
+
+
+def _write_json(workdir: str, step: int, scores) -> None:
+  if jax.process_index() != 0:
+    return
+  out = _json_scores(scores)
+  if 'no_crf' in scores:
+    out['crf'] = scores['crf']
+    out['no_crf'] = _json_scores(scores['no_crf'])
   out['step'] = step
   path = os.path.join(workdir, f'eval_{step}.json')
   with open(path + '.tmp', 'w') as f:

@@ -6,18 +6,30 @@ the valid-pixel count of the *global* batch and gradients are summed over the
 axis, so any number of shards computes the update of the whole batch. The
 functions are mapped by ``flaxseg.train.parallel`` with ``jax.pmap`` or
 ``jax.jit(jax.shard_map(...))``.
+
+Evaluation can refine the logits with the dense CRF (DeepLab v1/v2's
+post-processing, ``config.eval.crf``) before the argmax: :func:`crf_refine`
+runs it on each image's unpadded region only, so padding never changes a
+prediction.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from flaxseg import losses, metrics
+from flaxseg.config import IMAGENET_MEAN, IMAGENET_STD
+from flaxseg.crf import meanfield
 from flaxseg.train.state import TrainState
+
+#: The keys of a CRF settings mapping (``config.eval.crf`` without
+#: ``enabled``); see :func:`crf_refine`.
+CRF_KEYS = ('num_iterations', 'backend', 'bi_w', 'bi_xy_std', 'bi_rgb_std',
+            'pos_w', 'pos_xy_std')
 
 
 def _psum(x, axis_name):
@@ -102,26 +114,148 @@ def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
   return logits
 
 
+def denormalize(images, mean: Sequence[float], std: Sequence[float]):
+  """Normalised images back to the 0..255 colours the CRF kernels expect.
+
+  Inverts the pipeline's ``(x / 255 - mean) / std`` and rounds, so an image
+  decoded from uint8 comes back exactly (padding becomes the mean colour).
+
+  Args:
+    images: ``[..., 3]`` normalised images.
+    mean: normalisation mean, in [0, 1] units.
+    std: normalisation standard deviation, in [0, 1] units.
+
+  Returns:
+    float32 colours in ``[0, 255]``.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  raw = (images * jnp.asarray(std, jnp.float32) +
+         jnp.asarray(mean, jnp.float32)) * 255.0
+  return jnp.clip(jnp.round(raw), 0.0, 255.0)
+
+
+def image_mask(height, width, size: Sequence[int]) -> jax.Array:
+  """``[b, H, W]`` bool, True on each image's unpadded (top-left) region.
+
+  Args:
+    height: ``[b]`` image heights (0 for dummy examples: all False).
+    width: ``[b]`` image widths.
+    size: the padded ``(H, W)``.
+
+  Returns:
+    The mask.
+  """
+  rows = jnp.arange(size[0])[None, :, None] < jnp.asarray(height)[:, None, None]
+  cols = jnp.arange(size[1])[None, None, :] < jnp.asarray(width)[:, None, None]
+  return rows & cols
+
+
+def crf_refine(logits, images, mask, crf: Mapping[str, Any], *,
+               mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  """Dense-CRF marginals of a batch, DeepLab's post-processing.
+
+  The logits are the unary (``-U = log softmax(logits)`` up to a per-pixel
+  constant, DeepLab's ``-log p``); the appearance kernel sees the
+  denormalised image. ``num_iterations`` and ``backend`` are static; the
+  weights and bandwidths may be traced (a parameter search compiles once).
+
+  Args:
+    logits: ``[b, H, W, L]`` float logits at image resolution.
+    images: ``[b, H, W, 3]`` normalised images (the model's input).
+    mask: ``[b, H, W]`` True on the unpadded pixels (:func:`image_mask`), or
+      ``None`` (every pixel is real).
+    crf: the keys of :data:`CRF_KEYS` (``config.eval.crf``): appearance
+      kernel ``bi_w``, ``bi_xy_std`` (pixels), ``bi_rgb_std`` (0..255 units);
+      smoothness kernel ``pos_w``, ``pos_xy_std``; ``num_iterations``;
+      ``backend``.
+    mean, std: the normalisation of ``images``.
+
+  Returns:
+    ``[b, H, W, L]`` float32 marginals (``softmax(logits)`` outside the mask).
+  """
+  missing = [k for k in CRF_KEYS if k not in crf]
+  if missing:
+    raise ValueError(f'CRF settings lack {missing}')
+  return meanfield.dense_crf(
+      jnp.asarray(logits, jnp.float32), denormalize(images, mean, std),
+      num_iterations=int(crf['num_iterations']),
+      smoothness=meanfield.GaussianKernel(sxy=crf['pos_xy_std'],
+                                          weight=crf['pos_w']),
+      appearance=meanfield.BilateralKernel(sxy=crf['bi_xy_std'],
+                                           srgb=crf['bi_rgb_std'],
+                                           weight=crf['bi_w']),
+      backend=crf['backend'], mask=mask)
+
+
+def score_logits(logits, batch: Dict[str, jax.Array], *,
+                 axis_name: Optional[str], num_classes: int,
+                 ignore_index: int = losses.IGNORE_INDEX,
+                 crf: Optional[Mapping[str, Any]] = None,
+                 mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> Dict[str, jax.Array]:
+  """Predictions and confusion matrices of a batch's logits.
+
+  Args:
+    logits: ``[b, H, W, L]`` logits at the batch's (padded) resolution.
+    batch: ``label`` (255 in padding), optional ``valid`` ``[b]`` flags and,
+      with ``crf``, ``image`` and (for padded batches) ``height``/``width``.
+    axis_name: data-parallel axis, or ``None``.
+    num_classes: number of classes.
+    ignore_index: void label.
+    crf: CRF settings (:func:`crf_refine`), or ``None`` for the plain argmax.
+    mean, std: the normalisation of ``batch['image']`` (for the CRF).
+
+  Returns:
+    ``confusion`` int32 ``[C, C]`` summed over the axis and this shard's
+    ``prediction`` int32 ``[b, H, W]`` (both after the CRF when it is on);
+    with ``crf``, also ``confusion_no_crf``, the network's own.
+  """
+  valid = batch.get('valid')
+  weights = None if valid is None else valid[:, None, None]
+
+  def confusion(prediction):
+    cm = metrics.confusion_matrix(prediction, batch['label'], num_classes,
+                                  ignore_index, weights)
+    return _psum(cm, axis_name)
+
+  prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if crf is None:
+    return {'confusion': confusion(prediction), 'prediction': prediction}
+  mask = None
+  if 'height' in batch and 'width' in batch:
+    mask = image_mask(batch['height'], batch['width'], logits.shape[1:3])
+  q = crf_refine(logits, batch['image'], mask, crf, mean=mean, std=std)
+  refined = jnp.argmax(q, axis=-1).astype(jnp.int32)
+  return {'confusion': confusion(refined), 'prediction': refined,
+          'confusion_no_crf': confusion(prediction)}
+
+
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
               axis_name: Optional[str], num_classes: int,
-              ignore_index: int = losses.IGNORE_INDEX) -> Dict[str, jax.Array]:
+              ignore_index: int = losses.IGNORE_INDEX,
+              crf: Optional[Mapping[str, Any]] = None,
+              mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> Dict[str, jax.Array]:
   """Confusion matrix (summed over shards) and predictions of an eval batch.
 
   Args:
     state: the training state.
-    batch: ``image``, ``label`` (255 in padding) and ``valid`` ``[b]`` flags.
+    batch: ``image``, ``label`` (255 in padding), ``valid`` ``[b]`` flags and,
+      for the CRF on padded images, ``height``/``width`` ``[b]``.
     axis_name: data-parallel axis, or ``None``.
     num_classes: number of classes.
     ignore_index: void label.
+    crf: dense-CRF settings (the keys of :data:`CRF_KEYS`) to refine the
+      logits before the argmax (DeepLab v1/v2), or ``None``.
+    mean, std: the normalisation of ``batch['image']`` (for the CRF).
 
   Returns:
     ``confusion`` int32 ``[C, C]`` summed over the axis, and this shard's
-    ``prediction`` int32 ``[b, H, W]``.
+    ``prediction`` int32 ``[b, H, W]``; with ``crf``, both are the CRF's and
+    ``confusion_no_crf`` is the network's own.
   """
   logits = predict_logits(state, batch['image'])
-  prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  valid = batch.get('valid')
-  weights = None if valid is None else valid[:, None, None]
-  cm = metrics.confusion_matrix(prediction, batch['label'], num_classes,
-                                ignore_index, weights)
-  return {'confusion': _psum(cm, axis_name), 'prediction': prediction}
+  return score_logits(logits, batch, axis_name=axis_name,
+                      num_classes=num_classes, ignore_index=ignore_index,
+                      crf=crf, mean=mean, std=std)

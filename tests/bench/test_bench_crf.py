@@ -14,10 +14,10 @@ def test_crf_benchmark_runs(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'bench', 'crf.py'), '--sizes',
        '12x16', '--labels', '3', '--repeats', '1', '--backends',
-       'exact,window,permutohedral', '--json', str(out)],
+       'exact,window,window/2,permutohedral', '--json', str(out)],
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())
-  for backend in ('exact', 'window', 'permutohedral'):
+  for backend in ('exact', 'window', 'window/2', 'permutohedral'):
     assert row[backend]['run_s'] > 0
   assert '12x16' in proc.stdout
