@@ -82,6 +82,36 @@ def deeplabv3_training(c):
   return c
 
 
+def demo_synthetic(c):
+  """The demos' data (``make demo`` and the other ``demo`` variants).
+
+  2,000 train / 100 val synthetic images of 64-96 px, 97 crops (8k + 1, see
+  flaxseg.config) equal to the eval padding, mild scaling, batch 8. Images
+  no larger than the crop: like the paper's 513 crops on VOC's <= 500 px
+  images, training then sees the same padding as evaluation (evaluating at a
+  much larger padded size cost 20+ mIoU points, BENCHMARKS.md).
+
+  Args:
+    c: a full config.
+
+  Returns:
+    ``c``, changed in place.
+  """
+  c.data.dataset = 'synthetic'
+  c.data.num_classes = 7
+  c.data.train_split = 'train'
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_val = 100
+  c.data.synthetic.min_size = 64
+  c.data.synthetic.max_size = 96
+  c.data.crop_size = 97
+  c.data.scale_range = (0.75, 1.25)
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 8
+  c.data.eval_pad_size = 97
+  return c
+
+
 def fcn_recipe(name: str, lr: float, fixed_upsampling: str, arg=None):
   """FCN-{32,16,8}s on PASCAL VOC, PAMI 2016 "heavy learning" recipe.
 

@@ -101,18 +101,7 @@ def _demo(c):
   VOC settings (BENCHMARKS.md compares them with the grid search's best on
   these small images).
   """
-  c.data.dataset = 'synthetic'
-  c.data.num_classes = 7
-  c.data.train_split = 'train'
-  c.data.synthetic.num_train = 2000
-  c.data.synthetic.num_val = 100
-  c.data.synthetic.min_size = 64
-  c.data.synthetic.max_size = 96
-  c.data.crop_size = 97           # 8k + 1 (see flaxseg.config)
-  c.data.scale_range = (0.75, 1.25)
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.data.eval_pad_size = 97
+  common.demo_synthetic(c)
   c.model.width_multiplier = 0.25
   c.model.fc6_dilation = 4
   c.model.dropout = 0.5

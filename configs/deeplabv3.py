@@ -40,27 +40,13 @@ def get_config(arg=None):
     # schedule replaces the paper's SGD because there is no ImageNet
     # initialisation here and only a few minutes of CPU; see BENCHMARKS.md for
     # the runs behind these numbers.
-    c.data.dataset = 'synthetic'
-    c.data.num_classes = 7
-    c.data.train_split = 'train'
-    c.data.synthetic.num_train = 2000
-    c.data.synthetic.num_val = 100
-    # Images no larger than the crop: like the paper's 513 crops on VOC's
-    # <= 500 px images, training then sees the same padding as evaluation
-    # (evaluating at a much larger padded size cost 20+ mIoU points).
-    c.data.synthetic.min_size = 64
-    c.data.synthetic.max_size = 96
+    common.demo_synthetic(c)
     c.model.name = 'deeplabv3_resnet18'
     c.model.base_width = 16
     c.model.aspp_width = 64
     c.model.output_stride = 8
     c.model.bn_momentum = 0.9
     c.model.aspp_dropout = 0.0
-    c.data.crop_size = 97        # 8k + 1 (see flaxseg.config)
-    c.data.scale_range = (0.75, 1.25)
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
-    c.data.eval_pad_size = 97
     common.adam_from_scratch(c)
     c.optim.warmup_steps = 100
     c.train.num_steps = 3000

@@ -1,7 +1,8 @@
 """Dense CRF (Krähenbühl & Koltun 2011): Gaussian filters and mean-field.
 
-Public API, re-exported from :mod:`flaxseg.crf.meanfield` and
-:mod:`flaxseg.crf.filters`; see those modules for the maths and the
+Public API, re-exported from :mod:`flaxseg.crf.meanfield`,
+:mod:`flaxseg.crf.filters` and :mod:`flaxseg.crf.rnn` (CRF-as-RNN); see those
+modules for the maths and the
 conventions shared with pydensecrf.
 """
 
@@ -17,3 +18,4 @@ from flaxseg.crf.meanfield import GaussianKernel
 from flaxseg.crf.meanfield import logits_from_probabilities
 from flaxseg.crf.meanfield import meanfield_step
 from flaxseg.crf.meanfield import pairwise_term
+from flaxseg.crf.rnn import CRFasRNN

@@ -46,7 +46,7 @@ import numpy as np
 
 from flaxseg import metrics as metrics_lib
 from flaxseg.config import validate_config
-from flaxseg.data import pipeline, voc
+from flaxseg.data import voc
 from flaxseg.train import loop, parallel, step as step_lib
 
 #: DeepLab v1's initial search ranges (sec. 4.1), w2 and sigma_gamma fixed.
@@ -122,18 +122,11 @@ def validate_grid(grid: Dict[str, Sequence[float]]) -> None:
 
 def _cache_logits(config, dp: parallel.DataParallel, dstate, records):
   """The eval batches of ``records`` on the devices, with the logits."""
-  data = config.data
   p_logits = dp.map(
       lambda s, b, axis_name: step_lib.predict_logits(s, b['image']),
       parallel.SHARDED)
-  pad = int(data.eval_pad_size)
-  ds = pipeline.eval_dataset(
-      records, num_classes=data.num_classes,
-      global_batch_size=data.eval_batch_size, pad_to=(pad, pad),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      mean=tuple(data.mean), std=tuple(data.std))
   batches = []
-  for batch in ds.as_numpy_iterator():
+  for batch in loop.eval_stream(config, records).as_numpy_iterator():
     inputs = dp.put_batch({k: batch[k] for k in (
         'image', 'label', 'valid', 'height', 'width')})
     inputs['logits'] = p_logits(dstate, inputs)

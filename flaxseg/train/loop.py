@@ -217,6 +217,17 @@ def _train_stream(config, records, start_step: int):
 
 
 # -- evaluation ---------------------------------------------------------------
+def eval_stream(config, records):
+  """This process's eval batches of ``records`` (whole images, padded)."""
+  data = config.data
+  pad = int(data.eval_pad_size)
+  return pipeline.eval_dataset(
+      records, num_classes=data.num_classes,
+      global_batch_size=data.eval_batch_size, pad_to=(pad, pad),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      mean=tuple(data.mean), std=tuple(data.std))
+
+
 def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
              *, step: int, workdir: Optional[str] = None, writer=None
              ) -> Dict[str, Any]:
@@ -241,12 +252,7 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
   data = config.data
   if config.eval.num_images >= 0:
     records = records[:config.eval.num_images]
-  pad = int(data.eval_pad_size)
-  ds = pipeline.eval_dataset(
-      records, num_classes=data.num_classes,
-      global_batch_size=data.eval_batch_size, pad_to=(pad, pad),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      mean=tuple(data.mean), std=tuple(data.std))
+  ds = eval_stream(config, records)
   cm = np.zeros((data.num_classes,) * 2, np.int64)
   cm_no_crf = np.zeros_like(cm)
   panels = []

@@ -93,9 +93,11 @@ def test_raw_filter_matches_pydensecrf_lattice():
     np.testing.assert_allclose(np.asarray(out).ravel(), ref, atol=3e-5)
 
 
-def test_dense_crf_matches_pydensecrf():
+@pytest.mark.parametrize('h,w,nl', [(40, 50, 5), (240, 320, 21)])
+def test_dense_crf_matches_pydensecrf(h, w, nl):
+  """pydensecrf's standard parameters, 5 iterations; 240x320 with 21 labels
+  is issue 4's acceptance case (>= 99.9% labels equal, max |dQ| <= 1e-3)."""
   dcrf = _pydensecrf()
-  h, w, nl = 40, 50, 5
   img, lab = blocky_image(h, w, nl, seed=0)
   rng = np.random.default_rng(0)
   logit = rng.normal(0, 1.0, (h, w, nl))
@@ -113,9 +115,12 @@ def test_dense_crf_matches_pydensecrf():
                   jnp.asarray(img)[None], backend='permutohedral',
                   num_iterations=5)[0]
   q = np.asarray(q)
-  # Measured: all labels equal, max |dQ| = 1.2e-7.
-  assert np.mean(q.argmax(-1) == ref.argmax(-1)) == 1.0
-  assert np.max(np.abs(q - ref)) < 1e-5
+  agree = np.mean(q.argmax(-1) == ref.argmax(-1))
+  max_dq = np.max(np.abs(q - ref))
+  print(f'{h}x{w}, {nl} labels: labels equal {agree:.6f}, max |dQ| {max_dq:.2e}')
+  # Measured: all labels equal, max |dQ| 1.2e-7 (40x50) and 5.5e-6 (240x320);
+  # issue 4 asks for >= 99.9% and <= 1e-3. Pinned at 1e-4.
+  assert agree >= 0.999 and max_dq <= 1e-4
 
 
 def test_custom_vjp_is_transpose():
@@ -165,9 +170,10 @@ def test_dense_crf_jit_batch_normalisations():
               include_self=include_self)
     crf = jax.jit(lambda l, i, kw=kw: M.dense_crf(l, i, **kw))
     q = crf(logits, image)
-    np.testing.assert_allclose(q[1:], crf(logits[1:], image[1:]),
-                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jnp.sum(q, -1), 1.0, rtol=1e-5)
+  # Images in a batch are independent (one configuration: each is a compile).
+  np.testing.assert_allclose(q[1:], crf(logits[1:], image[1:]),
+                             rtol=1e-5, atol=1e-6)
   # Eager (un-jitted) gives the same result as jit (last configuration).
   np.testing.assert_allclose(q, M.dense_crf(logits, image, **kw),
                              rtol=1e-5, atol=1e-6)

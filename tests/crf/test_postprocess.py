@@ -22,6 +22,8 @@ import pytest
 from flaxseg.crf import meanfield as M
 from flaxseg.train import loop, step as step_lib
 
+from crf_testing import tiny_v1_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 H, W, L = 14, 18, 3
@@ -188,24 +190,8 @@ def test_eval_step_crf_under_pmap_and_shard_map(tmp_path):
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
 
 
-def tiny_v1_config():
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  try:
-    import deeplabv1  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  config = deeplabv1.get_config('tiny')
-  config.train.num_steps = 2
-  config.eval.num_visualize = 1
-  config.eval.crf.enabled = True
-  # Bandwidths for 24-32 px images (the paper's are for VOC's 500 px).
-  config.eval.crf.bi_xy_std = 10.0
-  config.eval.crf.num_iterations = 3
-  return config
-
-
 def test_trainer_eval_with_crf_writes_both_scores(tmp_path):
-  config = tiny_v1_config()
+  config = tiny_v1_config(num_visualize=1)
   workdir = str(tmp_path / 'run')
   result = loop.train_and_evaluate(config, workdir)
   scores = result['scores']

@@ -11,23 +11,10 @@ import pytest
 from flaxseg.crf import search
 from flaxseg.train import loop
 
+from crf_testing import tiny_v1_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
-
-
-def tiny_v1_config():
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  try:
-    import deeplabv1  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  config = deeplabv1.get_config('tiny')
-  config.train.num_steps = 2
-  config.eval.num_visualize = 0
-  config.eval.crf.enabled = True
-  config.eval.crf.num_iterations = 3
-  config.eval.crf.bi_xy_std = 10.0
-  return config
 
 
 @pytest.fixture(scope='module')
