@@ -75,9 +75,12 @@ from jax import lax
 _SENTINEL = np.iinfo(np.int32).max
 #: The packed key must stay below this (float32 product of the radices).
 _PACK_LIMIT = 2.0 ** 30
-#: Bucket sizes halve from the capacity while above this many vertices, and
-#: there are at most this many buckets.
-_MIN_BUCKET = 256
+#: Bucket sizes halve from the capacity while above twice this many
+#: vertices, and there are at most this many buckets. Below a few 10k
+#: vertices the blur costs little next to the splat and slice, and each
+#: bucket is one more compiled copy of the filter (small images, as in tests
+#: and CRF-RNN training crops, get one).
+_MIN_BUCKET = 16384
 _MAX_BUCKETS = 8
 #: Vertices per iteration of the neighbour search.
 _LINK_CHUNK = 4096

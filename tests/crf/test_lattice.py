@@ -177,3 +177,20 @@ def test_dense_crf_jit_batch_normalisations():
   # Eager (un-jitted) gives the same result as jit (last configuration).
   np.testing.assert_allclose(q, M.dense_crf(logits, image, **kw),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_vertex_buckets_give_the_same_filter(monkeypatch):
+  """The blur runs over the smallest bucket that holds the used vertices;
+  every bucket gives the same result (small buckets forced here)."""
+  assert L.bucket_sizes(460800) == (28800, 57600, 115200, 230400, 460800)
+  assert L.bucket_sizes(6534) == (6534,)
+  feats = feature_cases()['bilateral_d5']
+  v = jnp.asarray(np.random.default_rng(2).uniform(size=(1, H, W, 3)),
+                  jnp.float32)
+  lat = L.build_lattice_batch(feats)
+  one = L.permutohedral_filter(lat, v)
+  monkeypatch.setattr(L, '_MIN_BUCKET', 16)
+  sizes = L.bucket_sizes(H * W * 6)
+  assert len(sizes) > 3 and sizes[0] < int(lat.num_vertices[0]) < sizes[-1]
+  np.testing.assert_allclose(L.permutohedral_filter(lat, v), one, rtol=1e-6,
+                             atol=1e-6)

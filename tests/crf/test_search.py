@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   """A 2-step DeepLab v1 run: (config, workdir, final eval scores)."""
-  config = tiny_v1_config()
+  config = tiny_v1_config(num_visualize=1)
   workdir = str(tmp_path_factory.mktemp('search_run'))
   result = loop.train_and_evaluate(config, workdir)
   return config, workdir, result['scores']
@@ -92,3 +92,28 @@ def test_command_line(tiny_run):
   assert saved['num_images'] == 4 and saved['config_setting'] is None
   assert [r['bi_rgb_std'] for r in saved['results']] == [3.0, 5.0]
   assert np.isfinite(saved['best']['miou'])
+
+
+def test_trainer_eval_with_crf_writes_both_scores(tiny_run):
+  config, workdir, scores = tiny_run
+  assert 'no_crf' in scores and scores['crf']['bi_xy_std'] == 10.0
+  with open(os.path.join(workdir, 'eval_2.json')) as f:
+    report = json.load(f)
+  assert 0.0 <= report['miou'] <= 1.0
+  assert 0.0 <= report['no_crf']['miou'] <= 1.0
+  assert report['crf'] == loop.crf_settings(config)
+  # The CRF only relabels pixels: the same pixels are counted.
+  assert (np.sum(report['confusion'])
+          == np.sum(report['no_crf']['confusion']))
+  assert os.listdir(os.path.join(workdir, 'predictions', 'step_2'))
+  again = loop.evaluate_checkpoint(config, workdir)
+  np.testing.assert_array_equal(again['confusion'], scores['confusion'])
+  np.testing.assert_array_equal(again['no_crf']['confusion'],
+                                scores['no_crf']['confusion'])
+  # Off: the same network scores, and no CRF block.
+  config = config.copy_and_resolve_references()
+  config.eval.crf.enabled = False
+  plain = loop.evaluate_checkpoint(config, workdir)
+  assert 'no_crf' not in plain
+  np.testing.assert_array_equal(plain['confusion'],
+                                scores['no_crf']['confusion'])
