@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,parity]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python train.py --config=configs/deeplabv3.py:demo --workdir=$(DEMO_DIR)
 
+# --dist loadfile: each test file on one worker, so a module's fixtures (a
+# trained tiny run, generated data) are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -29,11 +29,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'deeplabv3_resnet101'
   c.model.dtype = 'float32'
-  # Start a fresh run from another run's weights: a flaxseg workdir, its
-  # checkpoints/ or one step directory. Every array of that checkpoint must
-  # exist in this model with the same shape; arrays it lacks keep their
-  # initial values (CRF-RNN's stage 2 from an FCN-8s run). Ignored when the
-  # workdir already has checkpoints (the run resumes from those).
+  # Warm starts (flaxseg.train.warm_start), ignored when the workdir already
+  # has checkpoints (the run resumes from those). backbone_init: ImageNet
+  # weights for the backbone, a directory from `python -m flaxseg.convert
+  # backbone` or a torchvision .pth / .safetensors classifier file.
+  # init_from: a flaxseg workdir, its checkpoints/ or one step directory, or
+  # a converted torchvision model; every array there must exist in this
+  # model with the same shape, arrays it lacks keep their initial values
+  # (CRF-RNN's stage 2 from an FCN-8s run).
+  c.model.backbone_init = ''
   c.model.init_from = ''
 
   c.data = ml_collections.ConfigDict()

@@ -33,9 +33,11 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
   """
   valid = labels != ignore_index
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  # float32 at least (bf16 logits); float64 stays (numerical checks).
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), safe_labels)
-  valid = valid.astype(jnp.float32)
+      logits.astype(dtype), safe_labels)
+  valid = valid.astype(dtype)
   return loss * valid, valid
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (canonicalize_dtype, conv_kernel_init,
-                                   make_norm)
+                                   make_norm, output_dtype)
 
 Array = jax.Array
 
@@ -110,7 +110,8 @@ class ASPP(nn.Module):
           x, f'atrous{k}', kernel_size=(3, 3), padding=((r, r), (r, r)),
           kernel_dilation=(r, r)))
     # Average in float32: a bf16 sum over a large map loses precision.
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    pooled = jnp.mean(x.astype(output_dtype(dtype)), axis=(1, 2),
+                      keepdims=True)
     pooled = conv_bn_relu(pooled.astype(dtype), 'pool', kernel_size=(1, 1),
                           padding='VALID')
     # Bilinear upsampling of a 1x1 map (torchvision's ASPPPooling) is a

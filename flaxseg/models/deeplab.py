@@ -42,7 +42,7 @@ from flaxseg.models import resnet
 from flaxseg.models.aspp import ASPP, PAPER_RATES_OS16, scale_rates
 from flaxseg.models.fcn_tv import fcn_head
 from flaxseg.models.layers import (canonicalize_dtype, conv_kernel_init,
-                                   make_norm, resize_bilinear)
+                                   make_norm, output_dtype, resize_bilinear)
 
 Array = jax.Array
 
@@ -129,7 +129,8 @@ class DeepLabV3(nn.Module):
       y = nn.relu(norm(name='head_bn')(y, use_running_average=ura))
     logits = conv(self.num_classes, (1, 1), use_bias=True,
                   name='classifier')(y)
-    logits = resize_bilinear(logits.astype(jnp.float32), (height, width),
+    logits = resize_bilinear(logits.astype(output_dtype(dtype)),
+                             (height, width),
                              align_corners=self.align_corners)
 
     aux = {}
@@ -137,7 +138,7 @@ class DeepLabV3(nn.Module):
       a = fcn_head(features['layer3'], num_classes=self.num_classes,
                    prefix='aux', classifier_name='aux_classifier', conv=conv,
                    norm=norm, dropout=self.aux_dropout, train=train)
-      aux['aux_logits'] = resize_bilinear(a.astype(jnp.float32),
+      aux['aux_logits'] = resize_bilinear(a.astype(output_dtype(dtype)),
                                           (height, width),
                                           align_corners=self.align_corners)
     return logits, aux
@@ -160,14 +161,16 @@ def _build(depth: int, native_rates: Sequence[int], native_stride: int,
   if len(rates) != 3 or min(rates) < 1:
     raise ValueError(f'aspp_rates={args["aspp_rates"]!r} must be three '
                      'positive integers')
-  if not 0.0 <= args['aspp_dropout'] < 1.0:
-    raise ValueError(f'aspp_dropout={args["aspp_dropout"]!r} must be in [0, 1)')
+  for key in ('aspp_dropout', 'aux_dropout'):
+    if not 0.0 <= args[key] < 1.0:
+      raise ValueError(f'{key}={args[key]!r} must be in [0, 1)')
   return DeepLabV3(
       num_classes=num_classes, depth=depth, base_width=args['base_width'],
       output_stride=args['output_stride'], multi_grid=multi_grid,
       aspp_rates=rates, aspp_width=args['aspp_width'],
       aspp_dropout=args['aspp_dropout'], head_conv=head_conv,
-      aux=bool(args['aux']), bn_momentum=args['bn_momentum'],
+      aux=bool(args['aux']), aux_dropout=float(args['aux_dropout']),
+      bn_momentum=args['bn_momentum'],
       bn_axis_name=args['bn_axis_name'], frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
       align_corners=bool(args['align_corners']))
@@ -188,6 +191,7 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     frozen_bn: freeze every BatchNorm.
     base_width: ResNet stem width (shrink for tiny demo models).
     aux: add the FCN auxiliary head on layer3.
+    aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (True: TF DeepLab).
 
   Returns:
@@ -209,6 +213,7 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     frozen_bn: freeze every BatchNorm.
     base_width: ResNet stem width.
     aux: add torchvision's FCN auxiliary head on layer3.
+    aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
 
   Returns:
@@ -225,6 +230,7 @@ def _paper(depth):
                   bn_momentum: float = 0.9997,
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
+                  aux_dropout: float = 0.1,
                   align_corners: bool = True) -> DeepLabV3:
     return _build(depth, PAPER_RATES_OS16, 16, False, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'deeplabv3_resnet{depth}'
@@ -241,6 +247,7 @@ def _torchvision(depth):
                   bn_momentum: float = 0.9,
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
+                  aux_dropout: float = 0.1,
                   align_corners: bool = False) -> DeepLabV3:
     return _build(depth, TV_RATES_OS8, 8, True, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (

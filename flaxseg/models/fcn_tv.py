@@ -37,7 +37,8 @@ import jax.numpy as jnp
 
 from flaxseg.models import resnet
 from flaxseg.models.layers import (ModuleDef, canonicalize_dtype,
-                                   conv_kernel_init, make_norm, resize_bilinear)
+                                   conv_kernel_init, make_norm, output_dtype,
+                                   resize_bilinear)
 
 Array = jax.Array
 
@@ -130,14 +131,15 @@ class FCNResNet(nn.Module):
         name='backbone')(x, train)
     logits = head(features['layer4'], prefix='head',
                   classifier_name='classifier', dropout=self.dropout)
-    logits = resize_bilinear(logits.astype(jnp.float32), size,
+    logits = resize_bilinear(logits.astype(output_dtype(dtype)), size,
                              align_corners=self.align_corners)
     aux = {}
     if self.aux:
       a = head(features['layer3'], prefix='aux',
                classifier_name='aux_classifier', dropout=self.aux_dropout)
-      aux['aux_logits'] = resize_bilinear(a.astype(jnp.float32), size,
-                                          align_corners=self.align_corners)
+      aux['aux_logits'] = resize_bilinear(
+          a.astype(output_dtype(dtype)), size,
+          align_corners=self.align_corners)
     return logits, aux
 
 

@@ -31,14 +31,21 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 #: PyTorch's BatchNorm epsilon; TF DeepLab uses the same value.
 BN_EPSILON = 1e-5
 
-_FLOAT_DTYPES = ('float32', 'bfloat16', 'float16')
+# float64 (with jax_enable_x64) is for numerical checks against references.
+_FLOAT_DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+
+
+def output_dtype(dtype) -> jnp.dtype:
+  """The dtype logits and losses are kept in: float32, or float64 if wider."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def canonicalize_dtype(dtype: Union[str, Dtype]) -> jnp.dtype:
   """Turns a dtype or its name into a floating `jnp.dtype`.
 
   Args:
-    dtype: a jnp dtype or one of the names 'float32', 'bfloat16', 'float16'.
+    dtype: a jnp dtype or one of the names 'float32', 'bfloat16', 'float16'
+      (or 'float64', for numerical checks with ``jax_enable_x64``).
 
   Returns:
     The corresponding `jnp.dtype`.
@@ -194,8 +201,15 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
 
   Returns:
     A `functools.partial` of `nn.BatchNorm` or `FrozenBatchNorm`.
+
+  Batch variances are two-pass, ``mean((x - mean(x))^2)`` as PyTorch computes
+  them, not Flax's default one-pass ``mean(x^2) - mean(x)^2``: in float32 the
+  latter cancels badly on post-ReLU activations (in the torchvision
+  training-step parity test it put the head BatchNorm's gradient 3e-3 from
+  torchvision's; two-pass, 1e-4).
   """
   if frozen:
     return functools.partial(FrozenBatchNorm, epsilon=BN_EPSILON, dtype=dtype)
   return functools.partial(nn.BatchNorm, momentum=momentum,
-                           epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype)
+                           epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype,
+                           use_fast_variance=False)

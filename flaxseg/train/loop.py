@@ -30,11 +30,10 @@ from clu import metric_writers
 
 from flaxseg import metrics as metrics_lib
 from flaxseg import models, viz
-from flaxseg.checkpoint import (Checkpoints, CheckpointError, load_variables,
-                                merge_variables)
+from flaxseg.checkpoint import Checkpoints, CheckpointError
 from flaxseg.config import validate_config
 from flaxseg.data import pipeline, synthetic, voc
-from flaxseg.train import optim, parallel, step as step_lib
+from flaxseg.train import optim, parallel, step as step_lib, warm_start
 from flaxseg.train.state import TrainState, create_train_state
 
 
@@ -111,7 +110,8 @@ def build_model(config, axis_name: Optional[str] = parallel.AXIS):
   """The model named by ``config.model`` with synchronised BatchNorm."""
   kwargs = dict(config.model)
   name = kwargs.pop('name')
-  kwargs.pop('init_from', None)    # the trainer's (init_from_checkpoint)
+  for key in warm_start.KEYS:      # the trainer's, not the model's
+    kwargs.pop(key, None)
   accepted = models.accepted_kwargs(name)
   # Models that need raw colours (CRF-RNN) undo the data's normalisation.
   for key, value in (('pixel_mean', config.data.mean),
@@ -120,33 +120,6 @@ def build_model(config, axis_name: Optional[str] = parallel.AXIS):
       kwargs[key] = tuple(value)
   return models.create_model(name, num_classes=config.data.num_classes,
                              bn_axis_name=axis_name, **kwargs)
-
-
-def init_from_checkpoint(config, state: TrainState) -> TrainState:
-  """``state`` with the weights of ``config.model.init_from`` (if set).
-
-  The optimizer state is re-initialised for the new parameters; the step
-  stays 0. Arrays the source lacks keep their initial values.
-
-  Raises:
-    CheckpointError: naming the path, and every array that does not fit.
-  """
-  source = config.model.get('init_from') or ''
-  if not source:
-    return state
-  loaded, meta = load_variables(source)
-  merged, report = merge_variables(
-      {'params': state.params, 'batch_stats': state.batch_stats}, loaded,
-      meta['source'])
-  _log(f'initialised {len(report["loaded"])} arrays from {meta["source"]} '
-       f'(model {meta.get("model", {}).get("name", "?")}, step '
-       f'{meta.get("step", "?")}); {len(report["kept"])} keep their initial '
-       'values' + (f': {", ".join(report["kept"][:8])}'
-                   + (' ...' if len(report['kept']) > 8 else '')
-                   if report['kept'] else ''))
-  return state.replace(params=merged['params'],
-                       batch_stats=merged['batch_stats'],
-                       opt_state=state.tx.init(merged['params']))
 
 
 def initial_state(config, model) -> TrainState:
@@ -159,12 +132,13 @@ def initial_state(config, model) -> TrainState:
 
 def run_meta(config) -> Dict[str, Any]:
   """What a checkpoint records about the run that wrote it."""
-  # init_from only says where step 0 came from: not part of the model, so a
-  # run resumes (or is evaluated) whatever it says.
-  model = {k: v for k, v in config.model.to_dict().items() if k != 'init_from'}
+  # init_from / backbone_init only say where step 0 came from: not part of
+  # the model, so a run resumes (or is evaluated) whatever they say.
+  model = {k: v for k, v in config.model.to_dict().items()
+           if k not in warm_start.KEYS}
   return {
       'model': model,
-      'init_from': config.model.get('init_from') or '',
+      **{k: config.model.get(k) or '' for k in warm_start.KEYS},
       'num_classes': int(config.data.num_classes),
       'data': {'seed': int(config.seed),
                'global_batch_size': int(config.data.batch_size),
@@ -368,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     state = restore_latest(ckpts, state, config)
     _log(f'resumed from {ckpts.directory} at step {int(state.step)}')
   else:
-    state = init_from_checkpoint(config, state)
+    state = warm_start.warm_start(config, state, _log)
   start = int(state.step)
   total = int(config.train.num_steps)
   schedule = optim.learning_rate_schedule(config.optim, total)

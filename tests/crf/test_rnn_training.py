@@ -63,7 +63,7 @@ def test_two_stage_recipe_starts_stage_2_from_stage_1(tmp_path, capsys):
   (Stage 2's training itself is the 8-device test above.)"""
   import jax
   from flaxseg.checkpoint import CheckpointError, load_variables
-  from flaxseg.train import loop
+  from flaxseg.train import loop, warm_start
   stage1_dir = str(tmp_path / 'fcn8s')
   loop.train_and_evaluate(_recipe('tiny_stage1'), stage1_dir)
   stage1, _ = load_variables(stage1_dir)
@@ -71,7 +71,7 @@ def test_two_stage_recipe_starts_stage_2_from_stage_1(tmp_path, capsys):
   config = _recipe('tiny')
   config.model.init_from = stage1_dir
   fresh = loop.initial_state(config, loop.build_model(config))
-  state = loop.init_from_checkpoint(config, fresh)
+  state = warm_start.init_from_checkpoint(config, fresh)
   crf = state.params.pop('crf')
   jax.tree.map(np.testing.assert_array_equal, dict(state.params),
                stage1['params'])

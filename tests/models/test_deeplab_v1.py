@@ -110,7 +110,7 @@ def test_recipe_builds_and_multipliers_match_params():
   assert paper.data.batch_size == 20 and paper.optim.lr == 1e-3
   config = recipe.get_config('tiny')
   kwargs = {k: v for k, v in config.model.items()
-            if k not in ('name', 'init_from')}   # init_from: the trainer's
+            if k not in ('name', 'init_from', 'backbone_init')}
   model = deeplabv1_largefov(num_classes=config.data.num_classes,
                              bn_axis_name='batch', **kwargs)
   crop = config.data.crop_size

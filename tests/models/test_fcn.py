@@ -195,7 +195,7 @@ def test_recipes_build_and_freeze_final_upsampling(stride):
   assert paper.optim.momentum == 0.99 and not paper.train.normalize_loss
   config = recipe.get_config('tiny')
   kwargs = {k: v for k, v in config.model.items()
-            if k not in ('name', 'init_from')}   # init_from: the trainer's
+            if k not in ('name', 'init_from', 'backbone_init')}
   # The trainer passes bn_axis_name to every model; FCN ignores it.
   model = CONSTRUCTORS[stride](num_classes=config.data.num_classes,
                                bn_axis_name='batch', **kwargs)

@@ -131,7 +131,7 @@ def test_make_norm():
   norm = layers.make_norm(momentum=0.99, axis_name='data', dtype=jnp.bfloat16)
   assert isinstance(norm, functools.partial) and norm.func is nn.BatchNorm
   assert norm.keywords == dict(momentum=0.99, epsilon=1e-5, axis_name='data',
-                               dtype=jnp.bfloat16)
+                               dtype=jnp.bfloat16, use_fast_variance=False)
   frozen = layers.make_norm(frozen=True)
   assert frozen.func is layers.FrozenBatchNorm
   # Both accept the train mode at call time.
