@@ -46,6 +46,19 @@ def _normalise(v):
   return list(v) if isinstance(v, tuple) else v
 
 
+def check_meta(meta: Dict[str, Any], expected: Dict[str, Any],
+               keys: Tuple[str, ...], where: str) -> None:
+  """Raises ``CheckpointError`` naming each of ``keys`` where ``meta`` (a
+  checkpoint's record) and ``expected`` (the current config's) differ."""
+  problems = _diff({k: meta.get(k, '<absent>') for k in keys},
+                   {k: expected.get(k, '<absent>') for k in keys}, '')
+  if problems:
+    raise CheckpointError(
+        f'checkpoint {where} was written by a different model/config:\n  '
+        + '\n  '.join(problems) +
+        '\nUse another --workdir, or restore the matching config.')
+
+
 class Checkpoints:
   """A thin wrapper over ``ocp.CheckpointManager``.
 
@@ -115,14 +128,7 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(
           f'checkpoint {where}: cannot read its metadata ({e})') from e
-    problems = _diff({k: meta.get(k, '<absent>') for k in check_keys},
-                     {k: expected_meta.get(k, '<absent>') for k in check_keys},
-                     '')
-    if problems:
-      raise CheckpointError(
-          f'checkpoint {where} was written by a different model/config:\n  '
-          + '\n  '.join(problems) +
-          '\nUse another --workdir, or restore the matching config.')
+    check_meta(meta, expected_meta, check_keys, where)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self.manager.restore(
@@ -142,12 +148,13 @@ class Checkpoints:
 
 
 # -- initialising a run from another run's weights ----------------------------
-def _checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
+def checkpoint_location(path: str, purpose: str = 'init_from'
+                        ) -> Tuple[str, Optional[int]]:
   """``(checkpoints directory, step or None)`` for a workdir, a checkpoints
-  directory or one step directory."""
+  directory or one step directory (``purpose`` names the option in errors)."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise CheckpointError(f'init_from: {path} is not a directory (expected a '
+    raise CheckpointError(f'{purpose}: {path} is not a directory (expected a '
                           'flaxseg workdir, its checkpoints/ or a step '
                           'directory)')
   if os.path.isdir(os.path.join(path, 'checkpoints')):
@@ -158,12 +165,14 @@ def _checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
   return path, None
 
 
-def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_variables(path: str, purpose: str = 'init_from'
+                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """The model variables and metadata of another run's checkpoint.
 
   Args:
     path: a flaxseg workdir (its latest checkpoint), its ``checkpoints``
       directory, or one step directory (``.../checkpoints/STEP``).
+    purpose: the option being served, for messages.
 
   Returns:
     ``({'params': ..., 'batch_stats': ...}, meta)`` as host arrays; nothing
@@ -172,19 +181,19 @@ def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   Raises:
     CheckpointError: naming ``path`` when it holds no readable checkpoint.
   """
-  directory, step = _checkpoint_location(path)
+  directory, step = checkpoint_location(path, purpose)
   ckpts = Checkpoints(directory, async_save=False, create=False)
   try:
     step = ckpts.latest_step() if step is None else step
     if step is None:
-      raise CheckpointError(f'init_from: no checkpoint in {directory}')
+      raise CheckpointError(f'{purpose}: no checkpoint in {directory}')
     where = os.path.join(directory, str(step))
     try:
       meta = ckpts.read_meta(step)
       restored = ckpts.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'init_from: cannot read checkpoint {where} '
+      raise CheckpointError(f'{purpose}: cannot read checkpoint {where} '
                             f'({e})') from e
   finally:
     ckpts.close()
@@ -195,7 +204,8 @@ def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 
 
 def merge_variables(target: Dict[str, Any], source: Dict[str, Any],
-                    source_name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                    source_name: str, purpose: str = 'init_from'
+                    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """``target`` with every array that ``source`` has at the same path.
 
   Paths of ``source`` must all exist in ``target`` with the same shapes; paths
@@ -206,6 +216,7 @@ def merge_variables(target: Dict[str, Any], source: Dict[str, Any],
     target: freshly initialised ``{'params', 'batch_stats'}``.
     source: loaded variables (same collections).
     source_name: for messages (the checkpoint path).
+    purpose: the option being served, for messages.
 
   Returns:
     ``(merged, {'loaded': [...], 'kept': [...]})`` with ``/``-joined paths.
@@ -235,9 +246,9 @@ def merge_variables(target: Dict[str, Any], source: Dict[str, Any],
         out[key] = jnp.asarray(src[key], value.dtype)
     merged[collection] = traverse_util.unflatten_dict(out, sep='/')
   if problems:
-    raise CheckpointError(f'init_from {source_name}: the checkpoint does not '
+    raise CheckpointError(f'{purpose} {source_name}: the checkpoint does not '
                           'fit the model:\n  ' + '\n  '.join(problems))
   if not loaded:
-    raise CheckpointError(f'init_from {source_name}: no array of the '
+    raise CheckpointError(f'{purpose} {source_name}: no array of the '
                           'checkpoint matches the model')
   return merged, {'loaded': loaded, 'kept': kept}

@@ -94,6 +94,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 2000       # 0: only at the end
   c.eval.num_images = -1          # -1: the whole split
   c.eval.num_visualize = 8        # prediction pictures written per eval
+  # Inference mode (flaxseg.inference), shared by training-time eval,
+  # --mode=eval, python -m flaxseg.predict and the export. Single scale by
+  # default; DeepLab v3's best VOC val result (sec. 4.1, "inference
+  # strategy": 77.21 mIoU at output stride 16 -> 79.77) evaluates at output
+  # stride 8 with scales (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and left/right
+  # flips, averaging softmax probabilities as the TF DeepLab code does
+  # (merge='probs'); configs/deeplabv3.py:paper_eval selects it.
+  c.eval.scales = (1.0,)
+  c.eval.flip = False
+  c.eval.merge = 'probs'          # 'probs' (TF DeepLab, mmseg) or 'logits'
+  # Sliding window (mmsegmentation's slide mode): (0, 0) = whole inputs,
+  # else the window (h, w); stride (0, 0) = 2/3 of the window.
+  c.eval.window = (0, 0)
+  c.eval.window_stride = (0, 0)
+  # 0: evaluate at the training output stride; DeepLab v3 trains at 16 and
+  # evaluates at 8 (same parameters, denser features).
+  c.eval.output_stride = 0
   # Dense-CRF post-processing of the eval predictions (DeepLab v1/v2): the
   # upsampled logits are the unary (-U = log softmax), mean-field inference
   # as flaxseg.crf.dense_crf, then the argmax. Off here; the DeepLab v1/v2
@@ -151,6 +168,50 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      ', '.join(f'config.{k}' for k in unknown))
   if 'crf' in config.get('eval', {}):
     validate_crf(config.eval.crf)
+  validate_inference(config.get('eval', {}))
+
+
+def validate_inference(eval_config) -> None:
+  """Raises ``ValueError`` naming each bad inference key of ``config.eval``.
+
+  Args:
+    eval_config: the ``eval`` section.
+  """
+  errors = []
+
+  def size_ok(value):
+    if isinstance(value, bool):
+      return False
+    if isinstance(value, int):
+      return value >= 0
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+      return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+      return False
+    return tuple(value) == (0, 0) or min(value) > 0
+
+  scales = eval_config.get('scales', (1.0,))
+  if (not isinstance(scales, (tuple, list)) or not scales or
+      not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and
+              v > 0 for v in scales)):
+    errors.append(f'config.eval.scales={scales!r} must be a non-empty '
+                  'sequence of positive numbers')
+  if not isinstance(eval_config.get('flip', False), bool):
+    errors.append(f'config.eval.flip={eval_config.get("flip")!r} must be '
+                  'True or False')
+  if eval_config.get('merge', 'probs') not in ('probs', 'logits'):
+    errors.append(f'config.eval.merge={eval_config.get("merge")!r} must be '
+                  "'probs' or 'logits'")
+  for key in ('window', 'window_stride'):
+    if not size_ok(eval_config.get(key, 0)):
+      errors.append(f'config.eval.{key}={eval_config.get(key)!r} must be '
+                    '(0, 0) (off) or a positive (height, width)')
+  stride = eval_config.get('output_stride', 0)
+  if stride not in (0, 8, 16, 32) or isinstance(stride, bool):
+    errors.append(f'config.eval.output_stride={stride!r} must be 0 (the '
+                  'training one), 8, 16 or 32')
+  if errors:
+    raise ValueError('invalid inference settings: ' + '; '.join(errors))
 
 
 def validate_crf(crf) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional, Sequence
 
@@ -50,14 +51,93 @@ def prediction_panel(image: np.ndarray, label: np.ndarray,
   return np.concatenate(out, axis=1)
 
 
-def save_palette_png(path: str, label: np.ndarray) -> None:
-  """Writes a label map as a VOC-style palette PNG (class ids = indices)."""
+def save_palette_png(path: str, label: np.ndarray,
+                     class_names: Optional[Sequence[str]] = None) -> None:
+  """Writes a label map as a VOC-style palette PNG (class ids = indices).
+
+  Args:
+    path: the file (its directory is created).
+    label: ``[H, W]`` class ids (255: void).
+    class_names: stored as JSON in the PNG's ``classes`` text chunk.
+  """
+  from PIL import PngImagePlugin  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   img = Image.fromarray(np.asarray(label, np.uint8), mode='P')
   img.putpalette(voc_palette().reshape(-1).tolist())
-  img.save(path)
+  info = None
+  if class_names is not None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text('classes', json.dumps(list(class_names)))
+  img.save(path, pnginfo=info)
 
 
 def save_rgb(path: str, image: np.ndarray) -> None:
   """Writes an RGB uint8 array as PNG, creating the directory."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def confusion_picture(confusion: np.ndarray,
+                      names: Optional[Sequence[str]] = None,
+                      cell: int = 0) -> np.ndarray:
+  """The confusion matrix as a heat map with class names (uint8 RGB).
+
+  Rows are ground-truth classes, columns predictions; each row is normalised
+  by its pixel count (so the diagonal is each class's recall, in percent,
+  written in the cells when they are large enough). Rows without pixels are
+  grey.
+
+  Args:
+    confusion: ``[C, C]`` counts, ``confusion[true, predicted]``.
+    names: the class names (default: their indices).
+    cell: cell size in pixels (0: 28, smaller for many classes).
+
+  Returns:
+    ``uint8 [H, W, 3]``.
+  """
+  from PIL import ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  cm = np.asarray(confusion, np.float64)
+  c = cm.shape[0]
+  names = [str(n) for n in (names if names is not None else range(c))]
+  cell = cell or max(12, min(28, 640 // max(c, 1)))
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  label_w = int(max(measure.textlength(n, font=font) for n in names)) + 8
+  title = 'rows: ground truth, columns: prediction (% of row)'
+  title_h = 16
+  width = max(label_w + c * cell + 4,
+              int(measure.textlength(title, font=font)) + 8)
+  height = title_h + label_w + c * cell + 4
+  canvas = Image.new('RGB', (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+  totals = cm.sum(axis=1, keepdims=True)
+  frac = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+  x0, y0 = label_w, title_h + label_w
+  for i in range(c):
+    for j in range(c):
+      if totals[i, 0] == 0:
+        colour = (200, 200, 200)
+      else:
+        v = frac[i, j]    # white -> dark blue
+        colour = (int(255 - 247 * v), int(255 - 207 * v), int(255 - 148 * v))
+      box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1,
+             y0 + (i + 1) * cell - 1)
+      draw.rectangle(box, fill=colour)
+      if cell >= 20 and totals[i, 0] > 0 and frac[i, j] >= 0.005:
+        text = f'{100 * frac[i, j]:.0f}'
+        ink = (255, 255, 255) if frac[i, j] > 0.5 else (0, 0, 0)
+        tw = measure.textlength(text, font=font)
+        draw.text((box[0] + (cell - tw) / 2, box[1] + cell / 2 - 5), text,
+                  fill=ink, font=font)
+  for i, name in enumerate(names):
+    draw.text((4, y0 + i * cell + cell / 2 - 5), name, fill=(0, 0, 0),
+              font=font)
+  # Column names: drawn horizontally on a strip, then rotated upright.
+  strip = Image.new('RGB', (label_w, c * cell), (255, 255, 255))
+  strip_draw = ImageDraw.Draw(strip)
+  for j, name in enumerate(names):
+    strip_draw.text((4, j * cell + cell / 2 - 5), name, fill=(0, 0, 0),
+                    font=font)
+  canvas.paste(strip.rotate(90, expand=True), (x0, title_h))
+  return np.asarray(canvas, np.uint8)

@@ -188,7 +188,9 @@ def _window_filter_full_res(features, values, window_size: int,
   r = window_size // 2
   # Offsets beyond the image never hit a pixel: clamp so a huge window stays
   # cheap and "window covering the image" is exactly the dense filter.
-  rh, rw = min(r, h - 1), min(r, w - 1)
+  # Symbolic sizes (a shape-polymorphic export) keep the full radius.
+  rh = min(r, h - 1) if isinstance(h, int) else r
+  rw = min(r, w - 1) if isinstance(w, int) else r
   pad = ((0, 0), (rh, rh), (rw, rw), (0, 0))
   fp = jnp.pad(features, pad)
   vp = jnp.pad(values, pad)

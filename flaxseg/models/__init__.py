@@ -10,7 +10,7 @@ lives in the family modules (resnet.py, aspp.py, deeplab.py, ...).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import flax.linen as nn
 
@@ -58,6 +58,21 @@ def accepted_kwargs(name: str) -> List[str]:
   _check_name(name)
   params = inspect.signature(_REGISTRY[name]).parameters
   return sorted(k for k in params if k != 'num_classes')
+
+
+def default_kwargs(name: str) -> Dict[str, Any]:
+  """Returns the default of each keyword argument of model `name` that has one.
+
+  Args:
+    name: a registered model name.
+
+  Returns:
+    ``{argument: default}``.
+  """
+  _check_name(name)
+  params = inspect.signature(_REGISTRY[name]).parameters
+  return {k: p.default for k, p in params.items()
+          if k != 'num_classes' and p.default is not inspect.Parameter.empty}
 
 
 def _check_name(name: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -64,14 +65,30 @@ def canonicalize_dtype(dtype: Union[str, Dtype]) -> jnp.dtype:
   return result
 
 
+def _is_static(dim) -> bool:
+  return isinstance(dim, (int, np.integer))
+
+
+def _dim(dim):
+  """``int(dim)``, or ``dim`` itself when it is symbolic (``jax.export``)."""
+  try:
+    return int(dim)
+  except Exception:  # pylint: disable=broad-except
+    return dim
+
+
 def _align_corners_weights(in_size: int, out_size: int):
   """Gather indices and lerp weights for one axis, align_corners=True."""
   if out_size == 1 or in_size == 1:
     # PyTorch maps every output to input index 0 when out_size == 1.
     src = jnp.zeros((out_size,), jnp.float32)
-  else:
+  elif _is_static(in_size) and _is_static(out_size):
     src = jnp.arange(out_size, dtype=jnp.float32) * (
         (in_size - 1) / (out_size - 1))
+  else:  # symbolic sizes (shape-polymorphic export): the ratio is traced
+    src = jnp.arange(out_size, dtype=jnp.float32) * (
+        jnp.asarray(in_size - 1, jnp.float32) /
+        jnp.asarray(out_size - 1, jnp.float32))
   lo = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, in_size - 1)
   hi = jnp.minimum(lo + 1, in_size - 1)
   frac = src - lo.astype(jnp.float32)
@@ -113,7 +130,7 @@ def resize_bilinear(x: Array, size: Sequence[int],
   """
   if x.ndim != 4:
     raise ValueError(f'resize_bilinear expects NHWC input, got shape {x.shape}')
-  out_h, out_w = int(size[0]), int(size[1])
+  out_h, out_w = _dim(size[0]), _dim(size[1])
   n, h, w, c = x.shape
   if (h, w) == (out_h, out_w):
     return x

@@ -23,14 +23,9 @@ import optax
 
 from flaxseg import losses, metrics
 from flaxseg.config import IMAGENET_MEAN, IMAGENET_STD
-from flaxseg.crf import meanfield
+from flaxseg import inference
+from flaxseg.inference import crf_refine, image_mask
 from flaxseg.train.state import TrainState
-
-#: The keys of a CRF settings mapping (``config.eval.crf`` without
-#: ``enabled``); see :func:`crf_refine`.
-CRF_KEYS = ('num_iterations', 'backend', 'bi_w', 'bi_xy_std', 'bi_rgb_std',
-            'pos_w', 'pos_xy_std')
-
 
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -114,80 +109,6 @@ def predict_logits(state: TrainState, images: jax.Array) -> jax.Array:
   return logits
 
 
-def denormalize(images, mean: Sequence[float], std: Sequence[float]):
-  """Normalised images back to the 0..255 colours the CRF kernels expect.
-
-  Inverts the pipeline's ``(x / 255 - mean) / std`` and rounds, so an image
-  decoded from uint8 comes back exactly (padding becomes the mean colour).
-
-  Args:
-    images: ``[..., 3]`` normalised images.
-    mean: normalisation mean, in [0, 1] units.
-    std: normalisation standard deviation, in [0, 1] units.
-
-  Returns:
-    float32 colours in ``[0, 255]``.
-  """
-  images = jnp.asarray(images, jnp.float32)
-  raw = (images * jnp.asarray(std, jnp.float32) +
-         jnp.asarray(mean, jnp.float32)) * 255.0
-  return jnp.clip(jnp.round(raw), 0.0, 255.0)
-
-
-def image_mask(height, width, size: Sequence[int]) -> jax.Array:
-  """``[b, H, W]`` bool, True on each image's unpadded (top-left) region.
-
-  Args:
-    height: ``[b]`` image heights (0 for dummy examples: all False).
-    width: ``[b]`` image widths.
-    size: the padded ``(H, W)``.
-
-  Returns:
-    The mask.
-  """
-  rows = jnp.arange(size[0])[None, :, None] < jnp.asarray(height)[:, None, None]
-  cols = jnp.arange(size[1])[None, None, :] < jnp.asarray(width)[:, None, None]
-  return rows & cols
-
-
-def crf_refine(logits, images, mask, crf: Mapping[str, Any], *,
-               mean: Sequence[float] = IMAGENET_MEAN,
-               std: Sequence[float] = IMAGENET_STD) -> jax.Array:
-  """Dense-CRF marginals of a batch, DeepLab's post-processing.
-
-  The logits are the unary (``-U = log softmax(logits)`` up to a per-pixel
-  constant, DeepLab's ``-log p``); the appearance kernel sees the
-  denormalised image. ``num_iterations`` and ``backend`` are static; the
-  weights and bandwidths may be traced (a parameter search compiles once).
-
-  Args:
-    logits: ``[b, H, W, L]`` float logits at image resolution.
-    images: ``[b, H, W, 3]`` normalised images (the model's input).
-    mask: ``[b, H, W]`` True on the unpadded pixels (:func:`image_mask`), or
-      ``None`` (every pixel is real).
-    crf: the keys of :data:`CRF_KEYS` (``config.eval.crf``): appearance
-      kernel ``bi_w``, ``bi_xy_std`` (pixels), ``bi_rgb_std`` (0..255 units);
-      smoothness kernel ``pos_w``, ``pos_xy_std``; ``num_iterations``;
-      ``backend``.
-    mean, std: the normalisation of ``images``.
-
-  Returns:
-    ``[b, H, W, L]`` float32 marginals (``softmax(logits)`` outside the mask).
-  """
-  missing = [k for k in CRF_KEYS if k not in crf]
-  if missing:
-    raise ValueError(f'CRF settings lack {missing}')
-  return meanfield.dense_crf(
-      jnp.asarray(logits, jnp.float32), denormalize(images, mean, std),
-      num_iterations=int(crf['num_iterations']),
-      smoothness=meanfield.GaussianKernel(sxy=crf['pos_xy_std'],
-                                          weight=crf['pos_w']),
-      appearance=meanfield.BilateralKernel(sxy=crf['bi_xy_std'],
-                                           srgb=crf['bi_rgb_std'],
-                                           weight=crf['bi_w']),
-      backend=crf['backend'], mask=mask)
-
-
 def score_logits(logits, batch: Dict[str, jax.Array], *,
                  axis_name: Optional[str], num_classes: int,
                  ignore_index: int = losses.IGNORE_INDEX,
@@ -236,7 +157,9 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
               ignore_index: int = losses.IGNORE_INDEX,
               crf: Optional[Mapping[str, Any]] = None,
               mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> Dict[str, jax.Array]:
+              std: Sequence[float] = IMAGENET_STD,
+              settings: inference.Settings = inference.Settings(),
+              apply_fn=None) -> Dict[str, jax.Array]:
   """Confusion matrix (summed over shards) and predictions of an eval batch.
 
   Args:
@@ -246,16 +169,61 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *,
     axis_name: data-parallel axis, or ``None``.
     num_classes: number of classes.
     ignore_index: void label.
-    crf: dense-CRF settings (the keys of :data:`CRF_KEYS`) to refine the
-      logits before the argmax (DeepLab v1/v2), or ``None``.
+    crf: dense-CRF settings (the keys of ``inference.CRF_KEYS``) to refine
+      the logits before the argmax (DeepLab v1/v2), or ``None``.
     mean, std: the normalisation of ``batch['image']`` (for the CRF).
+    settings: the inference mode (scales, flip, sliding window).
+    apply_fn: the evaluation model's ``apply`` when it differs from the
+      training one (another output stride), else ``None``.
 
   Returns:
     ``confusion`` int32 ``[C, C]`` summed over the axis, and this shard's
     ``prediction`` int32 ``[b, H, W]``; with ``crf``, both are the CRF's and
     ``confusion_no_crf`` is the network's own.
   """
-  logits = predict_logits(state, batch['image'])
+  logits = inference.segment_logits(apply_fn or state.apply_fn,
+                                    state.variables, batch['image'], settings)
   return score_logits(logits, batch, axis_name=axis_name,
                       num_classes=num_classes, ignore_index=ignore_index,
                       crf=crf, mean=mean, std=std)
+
+
+def predict_step(state: TrainState, batch: Dict[str, jax.Array], *,
+                 axis_name: Optional[str] = None,
+                 crf: Optional[Mapping[str, Any]] = None,
+                 mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD,
+                 settings: inference.Settings = inference.Settings(),
+                 apply_fn=None, probabilities: bool = False
+                 ) -> Dict[str, jax.Array]:
+  """Label maps (and optionally class probabilities) of a batch of images.
+
+  The same computation as :func:`eval_step` (same inference mode, same CRF
+  on each image's unpadded region), without labels.
+
+  Args:
+    state: the training state (only ``params``/``batch_stats`` are used).
+    batch: ``image`` ``[b, H, W, 3]`` normalised and padded, ``height`` and
+      ``width`` ``[b]`` (each image's size; 0 for filler rows).
+    axis_name: unused (the step has no collective); kept for mapping.
+    crf, mean, std, settings, apply_fn: as in :func:`eval_step`.
+    probabilities: also return the per-class probabilities.
+
+  Returns:
+    ``prediction`` int32 ``[b, H, W]``, and with ``probabilities``,
+    ``probabilities`` float32 ``[b, H, W, L]`` (the CRF's marginals when it
+    is on, else the softmax of the logits).
+  """
+  del axis_name
+  logits = inference.segment_logits(apply_fn or state.apply_fn,
+                                    state.variables, batch['image'], settings)
+  if crf is not None:
+    mask = image_mask(batch['height'], batch['width'], logits.shape[1:3])
+    probs = crf_refine(logits, batch['image'], mask, crf, mean=mean, std=std)
+  else:
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  out = {'prediction': jnp.argmax(probs if crf is not None else logits,
+                                  axis=-1).astype(jnp.int32)}
+  if probabilities:
+    out['probabilities'] = probs.astype(jnp.float32)
+  return out

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from flaxseg.crf import meanfield as M
+from flaxseg import inference
 from flaxseg.train import step as step_lib
 
 
@@ -104,11 +105,11 @@ def test_masked_crf_under_jit_and_fully_masked_image():
 
 def test_denormalize_recovers_uint8_colours():
   raw, images, _, _, mask = padded_batch()
-  back = step_lib.denormalize(images, MEAN, STD)
+  back = inference.denormalize(images, MEAN, STD)
   np.testing.assert_array_equal(back, raw)
   assert back.min() >= 0 and back.max() <= 255
   np.testing.assert_array_equal(
-      step_lib.image_mask(np.asarray([h for h, _ in SIZES]),
+      inference.image_mask(np.asarray([h for h, _ in SIZES]),
                           np.asarray([w for _, w in SIZES]), (H, W)), mask)
 
 
@@ -135,7 +136,7 @@ def test_eval_step_crf_equals_crf_on_cropped_images():
   plain = step_lib.eval_step(fake_state(logits), batch, axis_name=None,
                              num_classes=L)
   np.testing.assert_array_equal(out['confusion_no_crf'], plain['confusion'])
-  raw = step_lib.denormalize(batch['image'], MEAN, STD)
+  raw = inference.denormalize(batch['image'], MEAN, STD)
   expected_cm = np.zeros((L, L), np.int64)
   for i, (h, w) in enumerate(SIZES):
     q = M.dense_crf(logits[i:i + 1, :h, :w], raw[i:i + 1, :h, :w],

@@ -1,0 +1,93 @@
+"""A run's config and weights, for the inference tools (predict, export).
+
+Given ``--workdir`` (a training run) or ``--checkpoint`` (a run, its
+``checkpoints/``, one step directory, or what ``python -m flaxseg.convert``
+writes) and optionally ``--config``, :func:`resolve_config` finds the config,
+:func:`apply_overrides` applies the command line's inference-mode flags and
+:func:`load_state` loads the weights, refusing a checkpoint of another model
+with a message naming what differs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from flaxseg import checkpoint as ckpt_lib
+from flaxseg.config import default_config
+from flaxseg.train import builders, evaluator
+
+
+def resolve_config(config, workdir: Optional[str], checkpoint: Optional[str]):
+  """The run config: ``config``, else the run's ``config.json``, else one
+  built from the checkpoint's metadata (model section and class count)."""
+  if config is not None:
+    return config
+  if workdir:
+    return builders.load_run_config(workdir)
+  directory, step = ckpt_lib.checkpoint_location(checkpoint, 'checkpoint')
+  run_dir = os.path.dirname(directory)
+  if os.path.exists(os.path.join(run_dir, builders.CONFIG_FILE)):
+    return builders.load_run_config(run_dir)
+  ckpts = ckpt_lib.Checkpoints(directory, async_save=False, create=False)
+  try:
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+      raise ckpt_lib.CheckpointError(f'no checkpoint in {directory}')
+    meta = ckpts.read_meta(step)
+  finally:
+    ckpts.close()
+  if 'model' not in meta or 'num_classes' not in meta:
+    raise ckpt_lib.CheckpointError(
+        f'checkpoint {directory}/{step} records no model (a backbone-only '
+        'conversion?): pass the recipe with --config')
+  c = default_config()
+  c.model = builders.config_from_dict(dict(meta['model']))
+  c.data.num_classes = int(meta['num_classes'])
+  c.data.dataset = 'voc'
+  return c
+
+
+def apply_overrides(config, *, scales=None, flip=None, window=None,
+                    output_stride=None, crf=None):
+  """``config`` with the command line's inference-mode flags applied."""
+  if scales is not None:
+    try:
+      config.eval.scales = tuple(float(s) for s in scales)
+    except ValueError as e:
+      raise ValueError(f'--scales={",".join(scales)}: {e}') from e
+  if flip is not None:
+    config.eval.flip = bool(flip)
+  if window is not None:
+    config.eval.window = (int(window), int(window))
+  if output_stride is not None:
+    config.eval.output_stride = int(output_stride)
+  if crf is not None:
+    config.eval.crf.enabled = bool(crf)
+  return config
+
+
+def load_state(config, workdir: Optional[str], checkpoint: Optional[str],
+               step: Optional[int]):
+  """The host state to predict with, checked against ``config``.
+
+  Raises:
+    CheckpointError: naming the checkpoint and what does not match.
+  """
+  if workdir and not checkpoint:
+    return evaluator.restore_for_eval(config, workdir, step)
+  state = builders.initial_state(config, builders.build_model(config))
+  variables, meta = ckpt_lib.load_variables(checkpoint, purpose='checkpoint')
+  expected = builders.run_meta(config)
+  ckpt_lib.check_meta(meta, expected, ('model', 'num_classes'),
+                      meta['source'])
+  merged, report = ckpt_lib.merge_variables(
+      {'params': state.params, 'batch_stats': state.batch_stats}, variables,
+      meta['source'], purpose='checkpoint')
+  if report['kept']:
+    raise ckpt_lib.CheckpointError(
+        f'checkpoint {meta["source"]} lacks arrays the model needs: '
+        + ', '.join(report['kept'][:10]) +
+        (' ...' if len(report['kept']) > 10 else ''))
+  return state.replace(params=merged['params'],
+                       batch_stats=merged['batch_stats'])
