@@ -27,7 +27,6 @@ import os
 from typing import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
@@ -35,24 +34,12 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the command line's flags (only when run as a command, so the
   module imports anywhere without claiming flag names)."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Recipe (PATH[:VARIANT]); default: the run\'s config.json.',
-      lock_config=False)
-  flags.DEFINE_string('workdir', None, 'A training run (its latest checkpoint).')
-  flags.DEFINE_string('checkpoint', None, 'A checkpoint (run, checkpoints/ or '
-                      'step directory).')
-  flags.DEFINE_integer('step', None, 'With --workdir: which checkpoint step.')
-  flags.DEFINE_string('out', None, 'SavedModel directory (must not exist).')
-  flags.DEFINE_bool('crf', None, 'Include the dense CRF '
-                    '(config.eval.crf.enabled).')
-  flags.DEFINE_list('scales', None, 'Input scales (config.eval.scales).')
-  flags.DEFINE_bool('flip', None, 'Add left/right flips (config.eval.flip).')
-  flags.DEFINE_integer('output_stride', None, 'config.eval.output_stride.')
+  from flaxseg.train import from_run  # pylint: disable=g-import-not-at-top
+  from_run.define_flags()
   flags.DEFINE_integer('height', 0, 'Fixed input height (0: any).')
   flags.DEFINE_integer('width', 0, 'Fixed input width (0: any).')
   flags.DEFINE_list('platforms', ['cpu'], 'Lowering platforms '
                     '(cpu, cuda, tpu).')
-
 
 class ExportError(ValueError):
   """An export that cannot be made as asked (named in the message)."""
@@ -169,21 +156,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  if not FLAGS.out:
-    raise app.UsageError('--out is required')
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  from flaxseg.config import validate_config  # pylint: disable=g-import-not-at-top
   from flaxseg.train import from_run  # pylint: disable=g-import-not-at-top
-  config = from_run.resolve_config(FLAGS.config, FLAGS.workdir,
-                                   FLAGS.checkpoint)
-  config = from_run.apply_overrides(config, scales=FLAGS.scales,
-                                    flip=FLAGS.flip,
-                                    output_stride=FLAGS.output_stride,
-                                    crf=FLAGS.crf)
-  validate_config(config)
-  state = from_run.load_state(config, FLAGS.workdir, FLAGS.checkpoint,
-                              FLAGS.step)
+  try:
+    config, state = from_run.from_flags(FLAGS)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   where = export(config, state, FLAGS.out, height=FLAGS.height,
                  width=FLAGS.width, platforms=FLAGS.platforms)
   print(f'wrote the SavedModel {where} (signature serving_default: uint8 '

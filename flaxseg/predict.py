@@ -8,7 +8,8 @@
 For each image ``NAME`` it writes ``NAME.png`` (the label map as a palette
 PNG: pixel values are class ids, colours the VOC palette, the class names in
 its ``classes`` text chunk), ``NAME_overlay.png`` (the colours blended over
-the image) and, with ``--probabilities``, ``NAME_probs.npy`` (float32
+the image), with ``--panels`` ``NAME_panel.png`` (image | prediction |
+overlay) and, with ``--probabilities``, ``NAME_probs.npy`` (float32
 ``[H, W, classes]``: the CRF's marginals when the CRF is on, else the
 softmax). ``classes.json`` lists ids, names and colours; ``predictions.json``
 lists every input, what was written for it, and every skipped file with the
@@ -36,7 +37,6 @@ import sys
 from typing import Dict, List, Sequence, Tuple
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 import numpy as np
 
 FLAGS = flags.FLAGS
@@ -45,34 +45,22 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the command line's flags (only when run as a command, so the
   module imports anywhere without claiming flag names)."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Recipe (PATH[:VARIANT]); default: the run\'s config.json.',
-      lock_config=False)
-  flags.DEFINE_string('workdir', None, 'A training run (its latest checkpoint).')
-  flags.DEFINE_string('checkpoint', None,
-                      'A checkpoint: a run, its checkpoints/ or one step '
-                      'directory (also what python -m flaxseg.convert writes).')
-  flags.DEFINE_integer('step', None, 'With --workdir: which checkpoint step.')
-  flags.DEFINE_string('out', None, 'Output directory.')
+  from flaxseg.train import from_run  # pylint: disable=g-import-not-at-top
+  from_run.define_flags()
   flags.DEFINE_bool('probabilities', False, 'Also write NAME_probs.npy.')
-  flags.DEFINE_list('scales', None, 'Input scales (overrides config.eval.scales).')
-  flags.DEFINE_bool('flip', None, 'Add left/right flips (config.eval.flip).')
+  flags.DEFINE_bool('panels', False, 'Also write NAME_panel.png (image | '
+                    'prediction | overlay).')
   flags.DEFINE_integer('window', None,
                        'Sliding-window side, 0 for whole images '
                        '(config.eval.window).')
-  flags.DEFINE_integer('output_stride', None,
-                       'Output stride at inference (config.eval.output_stride).')
-  flags.DEFINE_bool('crf', None, 'Dense-CRF post-processing '
-                    '(config.eval.crf.enabled).')
   flags.DEFINE_integer('batch_size', 0,
                        'Images per batch (0: config.data.eval_batch_size).')
   flags.DEFINE_integer('pad_multiple', 32,
-                       'Images larger than config.data.eval_pad_size are padded '
-                       'up to a multiple of this.')
+                       'Images larger than config.data.eval_pad_size are '
+                       'padded up to a multiple of this.')
   flags.DEFINE_float('alpha', 0.5, 'Overlay opacity.')
   flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
-
 
 class PredictError(ValueError):
   """Bad predict arguments or inputs (named in the message)."""
@@ -139,7 +127,8 @@ def _progress(total: int, enabled: bool):
 
 
 def predict(config, state, inputs: Sequence[str], out_dir: str, *,
-            probabilities: bool = False, batch_size: int = 0,
+            probabilities: bool = False, panels: bool = False,
+            batch_size: int = 0,
             pad_multiple: int = 32, alpha: float = 0.5,
             overwrite: bool = False, progress: bool = True) -> Dict:
   """Segments ``inputs`` (files and directories) into ``out_dir``.
@@ -150,6 +139,7 @@ def predict(config, state, inputs: Sequence[str], out_dir: str, *,
     inputs: image files and directories of images.
     out_dir: where the outputs go (created).
     probabilities: also write ``NAME_probs.npy``.
+    panels: also write ``NAME_panel.png`` (image | prediction | overlay).
     batch_size: images per batch (0: ``config.data.eval_batch_size``),
       rounded up to a multiple of the devices.
     pad_multiple: padding multiple for images above the eval pad size.
@@ -171,8 +161,9 @@ def predict(config, state, inputs: Sequence[str], out_dir: str, *,
 
   files, skipped = list_inputs(inputs)
   names = output_names(files)
-  suffixes = ['.png', '_overlay.png'] + (['_probs.npy'] if probabilities
-                                         else [])
+  suffixes = (['.png', '_overlay.png'] +
+              (['_probs.npy'] if probabilities else []) +
+              (['_panel.png'] if panels else []))
   targets = [os.path.join(out_dir, n + s) for n in names for s in suffixes]
   targets += [os.path.join(out_dir, 'classes.json'),
               os.path.join(out_dir, 'predictions.json')]
@@ -236,6 +227,9 @@ def predict(config, state, inputs: Sequence[str], out_dir: str, *,
                    'overlay': os.path.join(out_dir, name + '_overlay.png')}
         viz.save_palette_png(written['label'], label, class_names)
         viz.save_rgb(written['overlay'], viz.overlay(image, label, alpha))
+        if panels:
+          written['panel'] = os.path.join(out_dir, name + '_panel.png')
+          viz.save_rgb(written['panel'], viz.label_panel(image, label, alpha))
         if probs is not None:
           written['probabilities'] = os.path.join(out_dir,
                                                   name + '_probs.npy')
@@ -277,22 +271,13 @@ def main(argv):
   inputs = argv[1:]
   if not inputs:
     raise app.UsageError('give image files or directories to segment')
-  if not FLAGS.out:
-    raise app.UsageError('--out is required')
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  from flaxseg.config import validate_config  # pylint: disable=g-import-not-at-top
   from flaxseg.train import from_run  # pylint: disable=g-import-not-at-top
-  config = from_run.resolve_config(FLAGS.config, FLAGS.workdir,
-                                   FLAGS.checkpoint)
-  config = from_run.apply_overrides(config, scales=FLAGS.scales, flip=FLAGS.flip,
-                           window=FLAGS.window,
-                           output_stride=FLAGS.output_stride, crf=FLAGS.crf)
-  validate_config(config)
-  state = from_run.load_state(config, FLAGS.workdir, FLAGS.checkpoint,
-                              FLAGS.step)
+  try:
+    config, state = from_run.from_flags(FLAGS, window=FLAGS.window)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   summary = predict(config, state, inputs, FLAGS.out,
-                    probabilities=FLAGS.probabilities,
+                    probabilities=FLAGS.probabilities, panels=FLAGS.panels,
                     batch_size=FLAGS.batch_size,
                     pad_multiple=FLAGS.pad_multiple, alpha=FLAGS.alpha,
                     overwrite=FLAGS.overwrite, progress=FLAGS.progress)

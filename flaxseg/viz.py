@@ -39,16 +39,27 @@ def denormalize(image: np.ndarray, mean: Sequence[float],
   return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def prediction_panel(image: np.ndarray, label: np.ndarray,
-                     prediction: np.ndarray) -> np.ndarray:
-  """Image | ground truth | prediction | overlay, side by side (uint8 RGB)."""
-  gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-  parts = [image, colorize(label), colorize(prediction),
-           overlay(image, prediction)]
+def side_by_side(parts: Sequence[np.ndarray]) -> np.ndarray:
+  """Equal-height uint8 RGB pictures left to right, 4 white pixels apart."""
+  gap = np.full((parts[0].shape[0], 4, 3), 255, np.uint8)
   out = [parts[0]]
   for p in parts[1:]:
     out += [gap, p]
   return np.concatenate(out, axis=1)
+
+
+def prediction_panel(image: np.ndarray, label: np.ndarray,
+                     prediction: np.ndarray) -> np.ndarray:
+  """Image | ground truth | prediction | overlay, side by side (uint8 RGB)."""
+  return side_by_side([image, colorize(label), colorize(prediction),
+                       overlay(image, prediction)])
+
+
+def label_panel(image: np.ndarray, prediction: np.ndarray,
+                alpha: float = 0.5) -> np.ndarray:
+  """Image | prediction | overlay, side by side (uint8 RGB)."""
+  return side_by_side([image, colorize(prediction),
+                       overlay(image, prediction, alpha)])
 
 
 def save_palette_png(path: str, label: np.ndarray,

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import deeplabv3
+
 from flaxseg import export as export_lib
 from flaxseg import inference, predict
 from flaxseg.checkpoint import CheckpointError
@@ -31,20 +33,11 @@ from flaxseg.train import step as step_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config():
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  try:
-    import deeplabv3  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  return deeplabv3.get_config('tiny')
-
-
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """A tiny trained run: (workdir, config as saved, host state)."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  loop.train_and_evaluate(tiny_config(), workdir)
+  loop.train_and_evaluate(deeplabv3.get_config('tiny'), workdir)
   config = builders.load_run_config(workdir)
   return workdir, config, evaluator.restore_for_eval(config, workdir)
 
@@ -308,11 +301,14 @@ def test_command_lines(run, inputs, tmp_path):
   done = subprocess.run(
       [sys.executable, '-m', 'flaxseg.predict', f'--workdir={workdir}',
        os.path.join(inputs, 'grey.png'), os.path.join(inputs, 'notes.txt'),
-       f'--out={out}', '--flip', '--scales=0.5,1', '--noprogress'],
+       f'--out={out}', '--flip', '--scales=0.5,1', '--noprogress',
+       '--panels'],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'skipped' in done.stderr and 'notes.txt' in done.stderr
   assert os.path.exists(os.path.join(out, 'grey.png'))
+  panel = np.asarray(Image.open(os.path.join(out, 'grey_panel.png')))
+  assert panel.shape == (20, 3 * 30 + 2 * 4, 3)
   with open(os.path.join(out, 'predictions.json')) as f:
     assert json.load(f)['inference']['scales'] == [0.5, 1.0]
   done = subprocess.run(

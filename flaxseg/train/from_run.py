@@ -13,9 +13,54 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from absl import flags
+from ml_collections import config_flags
+
 from flaxseg import checkpoint as ckpt_lib
 from flaxseg.config import default_config
 from flaxseg.train import builders, evaluator
+
+
+def define_flags() -> None:
+  """The flags predict and export share: where the run is, and the
+  inference-mode overrides (absl; call once, from the command's entry)."""
+  config_flags.DEFINE_config_file(
+      'config', None, "Recipe (PATH[:VARIANT]); default: the run's "
+      'config.json.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'A training run (its latest '
+                      'checkpoint).')
+  flags.DEFINE_string('checkpoint', None,
+                      'A checkpoint: a run, its checkpoints/ or one step '
+                      'directory (also what python -m flaxseg.convert '
+                      'writes).')
+  flags.DEFINE_integer('step', None, 'With --workdir: which checkpoint step.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_list('scales', None, 'Input scales (config.eval.scales).')
+  flags.DEFINE_bool('flip', None, 'Add left/right flips (config.eval.flip).')
+  flags.DEFINE_integer('output_stride', None,
+                       'Output stride at inference (config.eval.output_stride).')
+  flags.DEFINE_bool('crf', None, 'Dense-CRF post-processing '
+                    '(config.eval.crf.enabled).')
+
+
+def from_flags(values, window: Optional[int] = None):
+  """``(config, state)`` from the flags of :func:`define_flags`.
+
+  Raises:
+    ValueError: for flags that do not name exactly one run or checkpoint.
+  """
+  from flaxseg.config import validate_config  # pylint: disable=g-import-not-at-top
+  if not values.out:
+    raise ValueError('--out is required')
+  if bool(values.workdir) == bool(values.checkpoint):
+    raise ValueError('give exactly one of --workdir and --checkpoint')
+  config = resolve_config(values.config, values.workdir, values.checkpoint)
+  config = apply_overrides(config, scales=values.scales, flip=values.flip,
+                           window=window, output_stride=values.output_stride,
+                           crf=values.crf)
+  validate_config(config)
+  return config, load_state(config, values.workdir, values.checkpoint,
+                            values.step)
 
 
 def resolve_config(config, workdir: Optional[str], checkpoint: Optional[str]):
