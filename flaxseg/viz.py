@@ -48,6 +48,18 @@ def side_by_side(parts: Sequence[np.ndarray]) -> np.ndarray:
   return np.concatenate(out, axis=1)
 
 
+def stack(pictures: Sequence[np.ndarray]) -> np.ndarray:
+  """uint8 RGB pictures top to bottom, padded white to the widest, 4 apart."""
+  width = max(p.shape[1] for p in pictures)
+  rows = []
+  for i, p in enumerate(pictures):
+    if i:
+      rows.append(np.full((4, width, 3), 255, np.uint8))
+    pad = np.full((p.shape[0], width - p.shape[1], 3), 255, np.uint8)
+    rows.append(np.concatenate([p, pad], axis=1))
+  return np.concatenate(rows, axis=0)
+
+
 def prediction_panel(image: np.ndarray, label: np.ndarray,
                      prediction: np.ndarray) -> np.ndarray:
   """Image | ground truth | prediction | overlay, side by side (uint8 RGB)."""

@@ -294,7 +294,7 @@ def test_export_with_the_crf_inside(run, tmp_path):
   assert (got['labels'] == want['labels']).mean() > 0.99
 
 
-def test_command_lines(run, inputs, tmp_path):
+def test_predict_command_line(run, inputs, tmp_path):
   workdir, _, _ = run
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = str(tmp_path / 'cli')
@@ -311,9 +311,25 @@ def test_command_lines(run, inputs, tmp_path):
   assert panel.shape == (20, 3 * 30 + 2 * 4, 3)
   with open(os.path.join(out, 'predictions.json')) as f:
     assert json.load(f)['inference']['scales'] == [0.5, 1.0]
+  # The export command shares these flags (and from_run.from_flags).
   done = subprocess.run(
-      [sys.executable, '-m', 'flaxseg.export', f'--workdir={workdir}',
-       f'--out={tmp_path / "exported"}'],
+      [sys.executable, '-m', 'flaxseg.export', f'--workdir={workdir}'],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert done.returncode != 0 and '--out is required' in done.stderr
+
+
+def test_eval_modes_benchmark_runs(run, tmp_path):
+  workdir, _, _ = run
+  out = str(tmp_path / 'modes.json')
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'eval_modes.py'),
+       f'--workdir={workdir}', '--modes=plain,flip,window',
+       '--num_images=4', f'--json={out}'],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert os.path.exists(tmp_path / 'exported' / 'saved_model.pb')
+  with open(out) as f:
+    rows = json.load(f)['rows']
+  assert [r['mode'] for r in rows] == ['plain', 'flip', 'window']
+  assert all(0.0 <= r['miou'] <= 1.0 for r in rows)
+  assert 'vs plain' in done.stdout

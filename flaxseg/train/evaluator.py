@@ -29,12 +29,12 @@ import numpy as np
 from flaxseg import inference, models
 from flaxseg import metrics as metrics_lib
 from flaxseg import viz
-from flaxseg.checkpoint import Checkpoints, CheckpointError
+from flaxseg.checkpoint import Checkpoints, CheckpointError, check_meta
 from flaxseg.config import validate_config
 from flaxseg.data import pipeline, voc
 from flaxseg.train import parallel, step as step_lib
 from flaxseg.train.builders import (build_model, class_names, dataset_root,
-                                    initial_state, log, restore_latest)
+                                    initial_state, log, run_meta)
 from flaxseg.train.state import TrainState
 
 
@@ -261,13 +261,22 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None
   """The host state of ``workdir``'s latest (or given) checkpoint.
 
   Raises:
-    CheckpointError: when there is no checkpoint (or it is another model's).
+    CheckpointError: when there is no checkpoint, or it is another model's
+      (naming the config keys that differ; nothing is compiled first).
   """
-  state = initial_state(config, build_model(config))
   ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'), create=False)
   if ckpts.latest_step() is None:
     raise CheckpointError(f'no checkpoint in {ckpts.directory}')
-  return restore_latest(ckpts, state, config, step)
+  # Refuse another model's checkpoint before building (compiling) this one.
+  # The data-stream position does not matter for inference.
+  keys = ('model', 'num_classes')
+  step = ckpts.latest_step() if step is None else step
+  check_meta(ckpts.read_meta(step), run_meta(config), keys,
+             os.path.join(ckpts.directory, str(step)))
+  state = initial_state(config, build_model(config))
+  tree, _ = ckpts.restore(state.checkpoint_tree(), run_meta(config), step,
+                          check_keys=keys)
+  return state.replace_from_checkpoint(tree)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

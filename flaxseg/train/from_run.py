@@ -121,11 +121,10 @@ def load_state(config, workdir: Optional[str], checkpoint: Optional[str],
   """
   if workdir and not checkpoint:
     return evaluator.restore_for_eval(config, workdir, step)
-  state = builders.initial_state(config, builders.build_model(config))
   variables, meta = ckpt_lib.load_variables(checkpoint, purpose='checkpoint')
-  expected = builders.run_meta(config)
-  ckpt_lib.check_meta(meta, expected, ('model', 'num_classes'),
-                      meta['source'])
+  ckpt_lib.check_meta(meta, builders.run_meta(config),
+                      ('model', 'num_classes'), meta['source'])
+  state = builders.initial_state(config, builders.build_model(config))
   merged, report = ckpt_lib.merge_variables(
       {'params': state.params, 'batch_stats': state.batch_stats}, variables,
       meta['source'], purpose='checkpoint')
