@@ -71,6 +71,7 @@ class DeepLabV3(nn.Module):
     frozen_bn: use `FrozenBatchNorm` for every BatchNorm of the model.
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of the final bilinear upsampling.
+    remat: rematerialise the backbone's residual blocks in the backward pass.
   """
   num_classes: int
   depth: int = 50
@@ -88,6 +89,7 @@ class DeepLabV3(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   align_corners: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -119,7 +121,7 @@ class DeepLabV3(nn.Module):
     features = resnet.ResNet(
         depth=self.depth, base_width=self.base_width,
         output_stride=self.output_stride, multi_grid=self.multi_grid,
-        name='backbone', **bn)(x, train)
+        remat=self.remat, name='backbone', **bn)(x, train)
     y = ASPP(rates=tuple(rates), width=self.aspp_width,
              dropout=self.aspp_dropout, name='aspp', **bn)(
                  features['layer4'], train)
@@ -173,7 +175,7 @@ def _build(depth: int, native_rates: Sequence[int], native_stride: int,
       bn_momentum=args['bn_momentum'],
       bn_axis_name=args['bn_axis_name'], frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
-      align_corners=bool(args['align_corners']))
+      align_corners=bool(args['align_corners']), remat=bool(args['remat']))
 
 
 _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
@@ -193,6 +195,7 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     aux: add the FCN auxiliary head on layer3.
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (True: TF DeepLab).
+    remat: rematerialise the backbone's residual blocks (memory).
 
   Returns:
     A `DeepLabV3` module.
@@ -215,6 +218,7 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     aux: add torchvision's FCN auxiliary head on layer3.
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
+    remat: rematerialise the backbone's residual blocks (memory).
 
   Returns:
     A `DeepLabV3` module.
@@ -231,7 +235,8 @@ def _paper(depth):
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
                   aux_dropout: float = 0.1,
-                  align_corners: bool = True) -> DeepLabV3:
+                  align_corners: bool = True,
+                  remat: bool = False) -> DeepLabV3:
     return _build(depth, PAPER_RATES_OS16, 16, False, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'deeplabv3_resnet{depth}'
   constructor.__doc__ = _PAPER_DOC.format(depth=depth)
@@ -248,7 +253,8 @@ def _torchvision(depth):
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
                   aux_dropout: float = 0.1,
-                  align_corners: bool = False) -> DeepLabV3:
+                  align_corners: bool = False,
+                  remat: bool = False) -> DeepLabV3:
     return _build(depth, TV_RATES_OS8, 8, True, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (
       f'deeplabv3_resnet{depth}_tv')

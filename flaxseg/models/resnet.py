@@ -206,6 +206,9 @@ class ResNet(nn.Module):
     bn_axis_name: axis name for synchronised BatchNorm, or None.
     frozen_bn: use `FrozenBatchNorm` everywhere.
     dtype: computation dtype; parameters stay float32.
+    remat: recompute each residual block's activations in the backward pass
+      (``nn.remat``) instead of keeping them: less memory, one more forward.
+      Parameter names do not change.
   """
   depth: int = 50
   base_width: int = 64
@@ -215,6 +218,7 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   frozen_bn: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
@@ -237,6 +241,9 @@ class ResNet(nn.Module):
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
     block_cls = Bottleneck if is_bottleneck(self.depth) else BasicBlock
+    # `train` (argument 2, after self and x) is a Python bool: static.
+    block = (nn.remat(block_cls, static_argnums=(2,)) if self.remat
+             else block_cls)
 
     features = {}
     x = conv(self.base_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
@@ -254,9 +261,9 @@ class ResNet(nn.Module):
         # torchvision: a projection whenever the first block changes shape;
         # it stays even where dilation has replaced the stride.
         downsample = i == 0 and (stride != 1 or in_channels != out_channels)
-        x = block_cls(planes, stride=stride, dilation=dilation,
-                      downsample=downsample, conv=conv, norm=norm,
-                      name=f'layer{stage + 1}_block{i}')(x, train)
+        x = block(planes, stride=stride, dilation=dilation,
+                  downsample=downsample, conv=conv, norm=norm,
+                  name=f'layer{stage + 1}_block{i}')(x, train)
         in_channels = out_channels
       features[f'layer{stage + 1}'] = x
     return features

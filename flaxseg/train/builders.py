@@ -26,6 +26,10 @@ from flaxseg.train.state import TrainState, create_train_state
 #: The run config that training writes into its workdir.
 CONFIG_FILE = 'config.json'
 
+#: ``config.model`` keys that change how a model is computed, not its
+#: parameters or function: a checkpoint restores whatever they are.
+COMPUTE_ONLY_KEYS = ('remat',)
+
 
 def log(msg: str) -> None:
   if jax.process_index() == 0:
@@ -147,10 +151,11 @@ def initial_state(config, model) -> TrainState:
 
 def run_meta(config) -> Dict[str, Any]:
   """What a checkpoint records about the run that wrote it."""
-  # init_from / backbone_init only say where step 0 came from: not part of
-  # the model, so a run resumes (or is evaluated) whatever they say.
+  # init_from / backbone_init only say where step 0 came from, and remat
+  # only how gradients are computed: not part of the model, so a run resumes
+  # (or is evaluated) whatever they say.
   model = {k: v for k, v in config.model.to_dict().items()
-           if k not in warm_start.KEYS}
+           if k not in warm_start.KEYS and k not in COMPUTE_ONLY_KEYS}
   return {
       'model': model,
       **{k: config.model.get(k) or '' for k in warm_start.KEYS},

@@ -277,3 +277,26 @@ def test_bn_axis_name_gives_full_batch_statistics():
   jax.tree.map(lambda f, s: np.testing.assert_allclose(s[0], f, rtol=1e-5,
                                                        atol=1e-6),
                full['batch_stats'], sharded['batch_stats'])
+
+
+def test_remat_keeps_names_loss_and_gradients():
+  x = jax.random.normal(KEY, (2, 17, 17, 3))
+  results = []
+  for remat in (False, True):
+    model = create_model('deeplabv3_resnet18', num_classes=3, base_width=4,
+                         aspp_width=8, aspp_dropout=0.0, remat=remat)
+    variables = jax.jit(model.init)(KEY, x)   # eager init is slow
+
+    def loss(params):
+      (logits, _), _ = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, x,
+          train=True, mutable=['batch_stats'])
+      return jnp.mean(logits ** 2)
+
+    results.append((variables, jax.jit(jax.value_and_grad(loss))(
+        variables['params'])))
+  (v0, (l0, g0)), (v1, (l1, g1)) = results
+  assert jax.tree.structure(v0) == jax.tree.structure(v1)
+  assert float(l0) == float(l1)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,139 @@
+"""Compile time and memory of the training step, per registered model.
+
+  python bench/compile_memory.py                           # every model
+  python bench/compile_memory.py --models deeplabv3_resnet101 --batch 4 \\
+      --crop 321 --remat both --rss --json compile.json
+
+For each model (21 classes, float32, SGD momentum) it lowers and compiles the
+jitted training step (``flaxseg.train.step.train_step``, state donated) at
+``--batch`` x ``--crop`` and prints the seconds of tracing + lowering and of
+XLA compilation, and XLA's memory analysis of the compiled step (arguments,
+outputs and temporaries: the buffers the step needs at its peak). With
+``--remat both`` each model that takes ``remat`` is measured without and with
+rematerialisation of its residual blocks. With ``--rss`` the step is also run
+once in a fresh subprocess per case and its peak resident set size reported
+(``ru_maxrss``; on GPU/TPU the device's ``peak_bytes_in_use`` instead).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def build(name, batch, crop, remat):
+  from flaxseg import models  # pylint: disable=g-import-not-at-top
+  from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  kwargs = {'remat': True} if remat else {}
+  model = models.create_model(name, num_classes=21, **kwargs)
+  state = state_lib.create_train_state(model, optax.sgd(0.01, 0.9),
+                                       jax.random.key(0), (1, crop, crop, 3))
+  rng = np.random.default_rng(0)
+  data = {'image': jnp.asarray(rng.normal(size=(batch, crop, crop, 3)),
+                               jnp.float32),
+          'label': jnp.asarray(rng.integers(0, 21, (batch, crop, crop)),
+                               jnp.int32)}
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, axis_name=None),
+                 donate_argnums=0)
+  return state, data, step
+
+
+def measure(name, batch, crop, remat):
+  """Compile times and XLA memory of one case (in this process)."""
+  state, data, step = build(name, batch, crop, remat)
+  t0 = time.perf_counter()
+  lowered = step.lower(state, data)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  row = {'model': name, 'remat': remat, 'batch': batch, 'crop': crop,
+         'lower_s': t1 - t0, 'compile_s': t2 - t1}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row.update({
+        'argument_mb': mem.argument_size_in_bytes / 2**20,
+        'output_mb': mem.output_size_in_bytes / 2**20,
+        'temp_mb': mem.temp_size_in_bytes / 2**20,
+        'alias_mb': mem.alias_size_in_bytes / 2**20})
+  return row, (state, data, compiled)
+
+
+def child(args):
+  """Runs one step in this (fresh) process; prints its peak memory as JSON."""
+  row, (state, data, compiled) = measure(args.models, args.batch, args.crop,
+                                         args.child_remat)
+  state, metrics = compiled(state, data)
+  jax.block_until_ready(metrics['loss'])
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats:
+    peak = stats.get('peak_bytes_in_use', 0) / 2**20
+  else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps({'peak_mb': peak, 'platform': device.platform}))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='',
+                      help='comma-separated (default: every registered model)')
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--crop', type=int, default=321)
+  parser.add_argument('--remat', choices=('off', 'on', 'both'), default='off')
+  parser.add_argument('--rss', action='store_true',
+                      help='also run each case in a subprocess for its peak '
+                      'memory')
+  parser.add_argument('--json', default='')
+  parser.add_argument('--child_remat', type=int, default=-1,
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child_remat >= 0:
+    args.child_remat = bool(args.child_remat)
+    child(args)
+    return
+  from flaxseg import models  # pylint: disable=g-import-not-at-top
+  names = [n for n in args.models.split(',') if n] or models.list_models()
+  unknown = sorted(set(names) - set(models.list_models()))
+  if unknown:
+    parser.error(f'unknown models {unknown}')
+  rows = []
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, batch '
+        f'{args.batch}, crop {args.crop}')
+  print(f'{"model":26s} {"remat":5s} {"lower s":>8s} {"compile s":>9s} '
+        f'{"args MB":>8s} {"temp MB":>8s} {"peak MB":>8s}')
+  for name in names:
+    takes_remat = 'remat' in models.accepted_kwargs(name)
+    cases = {'off': [False], 'on': [True], 'both': [False, True]}[args.remat]
+    for remat in cases:
+      if remat and not takes_remat:
+        continue
+      row, _ = measure(name, args.batch, args.crop, remat)
+      if args.rss:
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), f'--models={name}',
+             f'--batch={args.batch}', f'--crop={args.crop}',
+             f'--child_remat={int(remat)}'],
+            capture_output=True, text=True, check=True)
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+      rows.append(row)
+      peak = row.get('peak_mb')
+      print(f'{name:26s} {str(remat):5s} {row["lower_s"]:8.1f} '
+            f'{row["compile_s"]:9.1f} {row.get("argument_mb", 0):8.0f} '
+            f'{row.get("temp_mb", 0):8.0f} '
+            f'{"" if peak is None else f"{peak:8.0f}"}', flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'jax': jax.__version__, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,63 @@
+"""The performance benchmarks run end to end at tiny sizes (figures untested).
+
+bench/vs_torchvision.py, bench/compile_memory.py and bench/pipeline.py are
+meant for full-size runs (BENCHMARKS.md); here each runs once on the smallest
+input that exercises every code path, and its JSON is checked for shape.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def _run(script, *args, timeout=900):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', script), *args],
+      capture_output=True, text=True, timeout=timeout,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_vs_torchvision_runs(tmp_path):
+  pytest.importorskip('torchvision', reason='the parity extra is not installed')
+  out = tmp_path / 'tv.json'
+  stdout = _run('vs_torchvision.py', '--models=fcn_resnet50_tv',
+                '--train=1x33', '--infer=1x33', '--repeats=1', '--flops',
+                '--peak_size=256',
+                f'--json={out}')
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['kind'], r['batch'], r['size']) for r in rows] == [
+      ('train', 1, 33), ('infer', 1, 33)]
+  for r in rows:
+    assert r['jax_s'] > 0 and r['torch_s'] > 0 and r['jax_gflop'] > 0
+    assert 0 < r['fraction_of_peak'] < 5
+  assert 'GFLOP/s' in stdout
+
+
+def test_compile_memory_runs(tmp_path):
+  out = tmp_path / 'compile.json'
+  _run('compile_memory.py', '--models=deeplabv3_resnet18', '--batch=1',
+       '--crop=17', '--remat=both', '--rss', f'--json={out}')
+  rows = json.loads(out.read_text())['rows']
+  cases = [(r['model'], r['remat']) for r in rows]
+  assert cases == [('deeplabv3_resnet18', False), ('deeplabv3_resnet18', True)]
+  for r in rows:
+    assert r['compile_s'] > 0 and r['temp_mb'] > 0 and r['peak_mb'] > 0
+
+
+def test_pipeline_runs(tmp_path):
+  out = tmp_path / 'pipe.json'
+  _run('pipeline.py', '--num_images=4', '--min_size=40', '--max_size=60',
+       '--batch=2', '--crop=33', '--batches=2', '--warmup=1',
+       '--model=deeplabv3_resnet18', '--step_batch=1', '--repeats=1',
+       f'--json={out}')
+  result = json.loads(out.read_text())
+  assert result['pipeline_examples_per_s'] > 0
+  assert result['margin'] > 0
