@@ -22,7 +22,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 
 
 def pipeline_rate(records, batch, crop, batches, warmup, num_classes=21):
@@ -41,20 +40,10 @@ def pipeline_rate(records, batch, crop, batches, warmup, num_classes=21):
 
 def step_rate(model_name, batch, crop, repeats):
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flaxseg import models  # pylint: disable=g-import-not-at-top
-  from flaxseg.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-  model = models.create_model(model_name, num_classes=21)
-  state = state_lib.create_train_state(model, optax.sgd(0.01, 0.9),
-                                       jax.random.key(0), (1, crop, crop, 3))
-  rng = np.random.default_rng(0)
-  data = {'image': jnp.asarray(rng.normal(size=(batch, crop, crop, 3)),
-                               jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 21, (batch, crop, crop)),
-                               jnp.int32)}
-  step = jax.jit(lambda s, b: step_lib.train_step(s, b, axis_name=None),
-                 donate_argnums=0).lower(state, data).compile()
+  # The training-step setup of the sibling script (bench/ is on sys.path).
+  from compile_memory import build  # pylint: disable=g-import-not-at-top
+  state, data, step = build(model_name, batch, crop, remat=False)
+  step = step.lower(state, data).compile()
   state, m = step(state, data)
   jax.block_until_ready(m['loss'])
   times = []
