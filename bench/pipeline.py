@@ -23,7 +23,6 @@ import tempfile
 import time
 
 
-
 def pipeline_rate(records, batch, crop, batches, warmup, num_classes=21):
   from flaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
   ds = pipeline.train_dataset(records, num_classes=num_classes,
