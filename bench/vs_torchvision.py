@@ -19,7 +19,8 @@ excluded:
 
 It prints the median seconds of ``--repeats`` runs, images/s of each, and the
 ratio torch_time / jax_time (> 1: flaxseg is faster), plus the JAX compile
-time of each function. With ``--flops`` it also reports the FLOPs XLA counts
+time of each function. ``--conv_impl xla,matmul`` times flaxseg's two
+convolution implementations (``layers.MatmulConv``), each against torch. With ``--flops`` it also reports the FLOPs XLA counts
 in each compiled JAX function (``cost_analysis``), the FLOP/s achieved, and
 that as a fraction of the device's peak, measured in the same run as the
 best of a few jitted 4096x4096 float32 matmuls. Both use ``--threads`` threads (torch
@@ -50,12 +51,12 @@ def _shape(text):
   return int(b), int(s)
 
 
-def jax_fns(name, size, lr=0.01):
+def jax_fns(name, size, lr=0.01, conv_impl='auto'):
   """``(model, fresh train state, the step module)`` for flaxseg's ``name``."""
   from flaxseg import models  # pylint: disable=g-import-not-at-top
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  model = models.create_model(name, num_classes=21)
+  model = models.create_model(name, num_classes=21, conv_impl=conv_impl)
   state = state_lib.create_train_state(model, optax.sgd(lr, 0.9),
                                        jax.random.key(0), (1, size, size, 3))
   return model, state, step_lib
@@ -102,7 +103,7 @@ def _median_alternating(fns, repeats):
 
 
 def bench_model(name, train_shapes, infer_shapes, repeats, device,
-                peak=None):
+                peak=None, conv_impl='auto'):
   import torch  # pylint: disable=g-import-not-at-top
   rows = []
   rng = np.random.default_rng(0)
@@ -112,7 +113,7 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
       images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
       labels = rng.integers(0, 21, (batch, size, size)).astype(np.int32)
       labels[:, :4] = 255
-      model, state, step_lib = jax_fns(name, size)
+      model, state, step_lib = jax_fns(name, size, conv_impl=conv_impl)
       x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
       y_t = torch.from_numpy(labels.astype(np.int64)).to(device)
       x_j, y_j = jnp.asarray(images), jnp.asarray(labels)
@@ -159,7 +160,8 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
       run_jax()
       run_torch()          # warm-up, excluded
       jax_s, torch_s = _median_alternating([run_jax, run_torch], repeats)
-      row = {'model': name, 'kind': kind, 'batch': batch, 'size': size,
+      row = {'model': name, 'conv_impl': conv_impl, 'kind': kind,
+             'batch': batch, 'size': size,
              'jax_s': jax_s, 'torch_s': torch_s,
              'jax_img_s': batch / jax_s, 'torch_img_s': batch / torch_s,
              'ratio': torch_s / jax_s, 'jax_compile_s': compile_s}
@@ -173,7 +175,7 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
         extra = (f'  {flops / 1e9:6.1f} GFLOP, {flops / jax_s / 1e9:6.1f} '
                  f'GFLOP/s ({100 * flops / jax_s / peak:4.1f}% of peak)')
       rows.append(row)
-      print(f'{name:24s} {kind:5s} {batch:2d}x{size:<4d} '
+      print(f'{name:24s} {conv_impl:6s} {kind:5s} {batch:2d}x{size:<4d} '
             f'jax {jax_s:7.3f} s ({batch / jax_s:6.2f} img/s)  '
             f'torch {torch_s:7.3f} s ({batch / torch_s:6.2f} img/s)  '
             f'ratio {torch_s / jax_s:5.2f}  compile {compile_s:5.1f} s'
@@ -197,8 +199,16 @@ def main():
                       help='report FLOP/s and the fraction of matmul peak')
   parser.add_argument('--peak_size', type=int, default=4096,
                       help='matmul size for the peak measurement')
+  parser.add_argument('--conv_impl', default='auto',
+                      help="flaxseg convolution implementations to time, "
+                      "comma-separated: auto (matmul on CPU, XLA's "
+                      "elsewhere), xla, matmul")
   parser.add_argument('--json', default='')
   args = parser.parse_args()
+  impls = [i for i in args.conv_impl.split(',') if i]
+  bad = sorted(set(impls) - {'auto', 'xla', 'matmul'})
+  if bad:
+    parser.error(f'unknown --conv_impl {bad}')
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
@@ -220,7 +230,9 @@ def main():
           'float32 matmul)')
   rows = []
   for name in names:
-    rows += bench_model(name, train, infer, args.repeats, device, peak)
+    for impl in impls:
+      rows += bench_model(name, train, infer, args.repeats, device, peak,
+                          conv_impl=impl)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'jax': jax.__version__, 'torch': torch.__version__,

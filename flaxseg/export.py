@@ -57,8 +57,8 @@ def serving_fn(config, settings=None, crf=None):
   from flaxseg import inference  # pylint: disable=g-import-not-at-top
   from flaxseg.train import builders, evaluator  # pylint: disable=g-import-not-at-top
 
-  model = builders.build_model(config, output_stride=int(
-      config.eval.get('output_stride', 0) or 0) or None)
+  apply_fn = (evaluator.eval_apply_fn(config) or
+              builders.build_model(config).apply)
   settings = settings or evaluator.inference_settings(config)
   crf = evaluator.crf_settings(config) if crf is None else crf
   mean = jnp.asarray(config.data.mean, jnp.float32)
@@ -66,7 +66,7 @@ def serving_fn(config, settings=None, crf=None):
 
   def fn(variables, images):
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    logits = inference.segment_logits(model.apply, variables, x, settings)
+    logits = inference.segment_logits(apply_fn, variables, x, settings)
     if crf:
       probs = inference.crf_refine(logits, x, None, crf,
                                    mean=tuple(config.data.mean),
@@ -141,10 +141,7 @@ def export(config, state, out_dir: str, *, height: int = 0, width: int = 0,
     json.dump({'model': config.model.to_dict(),
                'num_classes': int(config.data.num_classes),
                'mean': list(config.data.mean), 'std': list(config.data.std),
-               'inference': {'scales': list(settings.scales),
-                             'flip': settings.flip, 'merge': settings.merge,
-                             'window': list(settings.window)
-                                       if settings.window else None},
+               'inference': evaluator.inference_record(config),
                'crf': crf, 'input': shape, 'platforms': list(platforms)},
               f, indent=1)
   os.replace(tmp, out_dir)

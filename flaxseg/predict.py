@@ -246,16 +246,10 @@ def predict(config, state, inputs: Sequence[str], out_dir: str, *,
           bar.update(1)
   if bar is not None:
     bar.close()
-  settings = evaluator.inference_settings(config)
   summary = {
       'model': config.model.name,
-      'inference': {'scales': list(settings.scales), 'flip': settings.flip,
-                    'merge': settings.merge,
-                    'window': list(settings.window) if settings.window
-                              else None,
-                    'output_stride': int(config.eval.output_stride or 0) or
-                                     config.model.get('output_stride'),
-                    'crf': evaluator.crf_settings(config)},
+      'inference': dict(evaluator.inference_record(config),
+                        crf=evaluator.crf_settings(config)),
       'images': records, 'skipped': skipped}
   with open(os.path.join(out_dir, 'classes.json'), 'w') as f:
     json.dump([{'id': i, 'name': n, 'color': palette[i].tolist()}

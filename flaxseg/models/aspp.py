@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (canonicalize_dtype, conv_kernel_init,
-                                   make_norm, output_dtype)
+                                   conv_module, make_norm, output_dtype)
 
 Array = jax.Array
 
@@ -71,6 +71,7 @@ class ASPP(nn.Module):
     bn_axis_name: axis name for synchronised BatchNorm, or None.
     frozen_bn: use `FrozenBatchNorm`.
     dtype: computation dtype; parameters stay float32.
+    conv_impl: convolution implementation (`layers.conv_module`).
   """
   rates: Tuple[int, ...] = PAPER_RATES_OS16
   width: int = 256
@@ -79,6 +80,7 @@ class ASPP(nn.Module):
   bn_axis_name: Optional[str] = None
   frozen_bn: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -93,7 +95,8 @@ class ASPP(nn.Module):
       (N, H, W, width) features in `dtype`.
     """
     dtype = canonicalize_dtype(self.dtype)
-    conv = functools.partial(nn.Conv, self.width, use_bias=False, dtype=dtype,
+    conv = functools.partial(conv_module(self.conv_impl), self.width,
+                             use_bias=False, dtype=dtype,
                              kernel_init=conv_kernel_init)
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)

@@ -42,7 +42,8 @@ from flaxseg.models import resnet
 from flaxseg.models.aspp import ASPP, PAPER_RATES_OS16, scale_rates
 from flaxseg.models.fcn_tv import fcn_head
 from flaxseg.models.layers import (canonicalize_dtype, conv_kernel_init,
-                                   make_norm, output_dtype, resize_bilinear)
+                                   conv_module, make_norm, output_dtype,
+                                   resize_bilinear, resolve_conv_impl)
 
 Array = jax.Array
 
@@ -72,6 +73,8 @@ class DeepLabV3(nn.Module):
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of the final bilinear upsampling.
     remat: rematerialise the backbone's residual blocks in the backward pass.
+    conv_impl: convolution implementation, 'xla', 'matmul' or 'auto'
+      (`layers.conv_module`); the parameters are the same.
   """
   num_classes: int
   depth: int = 50
@@ -90,6 +93,7 @@ class DeepLabV3(nn.Module):
   dtype: Any = jnp.float32
   align_corners: bool = False
   remat: bool = False
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -111,8 +115,8 @@ class DeepLabV3(nn.Module):
     if rates is None:
       rates = scale_rates(PAPER_RATES_OS16, 16, self.output_stride)
     bn = dict(bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name,
-              frozen_bn=self.frozen_bn, dtype=dtype)
-    conv = functools.partial(nn.Conv, dtype=dtype,
+              frozen_bn=self.frozen_bn, dtype=dtype, conv_impl=self.conv_impl)
+    conv = functools.partial(conv_module(self.conv_impl), dtype=dtype,
                              kernel_init=conv_kernel_init)
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
@@ -175,7 +179,8 @@ def _build(depth: int, native_rates: Sequence[int], native_stride: int,
       bn_momentum=args['bn_momentum'],
       bn_axis_name=args['bn_axis_name'], frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
-      align_corners=bool(args['align_corners']), remat=bool(args['remat']))
+      align_corners=bool(args['align_corners']), remat=bool(args['remat']),
+      conv_impl=resolve_conv_impl(args['conv_impl']))
 
 
 _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
@@ -196,6 +201,7 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (True: TF DeepLab).
     remat: rematerialise the backbone's residual blocks (memory).
+    conv_impl: 'xla', 'matmul' (im2col + matmul) or 'auto' (matmul on CPU).
 
   Returns:
     A `DeepLabV3` module.
@@ -219,6 +225,7 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
     remat: rematerialise the backbone's residual blocks (memory).
+    conv_impl: 'xla', 'matmul' (im2col + matmul) or 'auto' (matmul on CPU).
 
   Returns:
     A `DeepLabV3` module.
@@ -236,7 +243,8 @@ def _paper(depth):
                   base_width: int = 64, aux: bool = False,
                   aux_dropout: float = 0.1,
                   align_corners: bool = True,
-                  remat: bool = False) -> DeepLabV3:
+                  remat: bool = False,
+                  conv_impl: str = 'auto') -> DeepLabV3:
     return _build(depth, PAPER_RATES_OS16, 16, False, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'deeplabv3_resnet{depth}'
   constructor.__doc__ = _PAPER_DOC.format(depth=depth)
@@ -254,7 +262,8 @@ def _torchvision(depth):
                   base_width: int = 64, aux: bool = False,
                   aux_dropout: float = 0.1,
                   align_corners: bool = False,
-                  remat: bool = False) -> DeepLabV3:
+                  remat: bool = False,
+                  conv_impl: str = 'auto') -> DeepLabV3:
     return _build(depth, TV_RATES_OS8, 8, True, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (
       f'deeplabv3_resnet{depth}_tv')

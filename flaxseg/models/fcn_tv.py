@@ -37,8 +37,9 @@ import jax.numpy as jnp
 
 from flaxseg.models import resnet
 from flaxseg.models.layers import (ModuleDef, canonicalize_dtype,
-                                   conv_kernel_init, make_norm, output_dtype,
-                                   resize_bilinear)
+                                   conv_kernel_init, conv_module, make_norm,
+                                   output_dtype, resize_bilinear,
+                                   resolve_conv_impl)
 
 Array = jax.Array
 
@@ -87,6 +88,8 @@ class FCNResNet(nn.Module):
     frozen_bn: use `FrozenBatchNorm` for every BatchNorm of the model.
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of the final bilinear upsampling.
+    conv_impl: convolution implementation, 'xla', 'matmul' or 'auto'
+      (`layers.conv_module`); the parameters are the same.
   """
   num_classes: int
   depth: int = 50
@@ -100,6 +103,7 @@ class FCNResNet(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   align_corners: bool = False
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -117,7 +121,7 @@ class FCNResNet(nn.Module):
     """
     dtype = canonicalize_dtype(self.dtype)
     size = x.shape[1:3]
-    conv = functools.partial(nn.Conv, dtype=dtype,
+    conv = functools.partial(conv_module(self.conv_impl), dtype=dtype,
                              kernel_init=conv_kernel_init)
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
@@ -128,7 +132,7 @@ class FCNResNet(nn.Module):
         depth=self.depth, base_width=self.base_width,
         output_stride=self.output_stride, bn_momentum=self.bn_momentum,
         bn_axis_name=self.bn_axis_name, frozen_bn=self.frozen_bn, dtype=dtype,
-        name='backbone')(x, train)
+        conv_impl=self.conv_impl, name='backbone')(x, train)
     logits = head(features['layer4'], prefix='head',
                   classifier_name='classifier', dropout=self.dropout)
     logits = resize_bilinear(logits.astype(output_dtype(dtype)), size,
@@ -164,7 +168,8 @@ def _build(depth: int, args: Dict[str, Any]) -> FCNResNet:
       bn_momentum=args['bn_momentum'], bn_axis_name=args['bn_axis_name'],
       frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
-      align_corners=bool(args['align_corners']))
+      align_corners=bool(args['align_corners']),
+      conv_impl=resolve_conv_impl(args['conv_impl']))
 
 
 _DOC = """torchvision's ``fcn_resnet{depth}`` (same parameters).
@@ -181,6 +186,7 @@ _DOC = """torchvision's ``fcn_resnet{depth}`` (same parameters).
     dropout: dropout rate of the main head (torchvision 0.1).
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
+    conv_impl: 'xla', 'matmul' (per-tap matmuls) or 'auto' (matmul on CPU).
 
   Returns:
     An `FCNResNet` module.
@@ -196,7 +202,8 @@ def _torchvision(depth):
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
                   dropout: float = 0.1, aux_dropout: float = 0.1,
-                  align_corners: bool = False) -> FCNResNet:
+                  align_corners: bool = False,
+                  conv_impl: str = 'auto') -> FCNResNet:
     return _build(depth, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'fcn_resnet{depth}_tv'
   constructor.__doc__ = _DOC.format(depth=depth)

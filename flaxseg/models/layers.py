@@ -8,6 +8,10 @@
 * `make_norm`: the one normalisation factory every model uses.
 * `conv_kernel_init` and `canonicalize_dtype`: initialisation and dtype
   handling shared by the model families.
+* `MatmulConv` and `conv_module`: `nn.Conv`'s computation written as one
+  matrix multiply per kernel tap over the pixels the tap reaches, with
+  `nn.Conv`'s parameters; it skips the zero padding that large atrous rates
+  make dominant (see BENCHMARKS.md). Selected per model by ``conv_impl``.
 """
 
 from __future__ import annotations
@@ -230,3 +234,158 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
   return functools.partial(nn.BatchNorm, momentum=momentum,
                            epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype,
                            use_fast_variance=False)
+
+
+#: ``conv_impl`` values: XLA's convolution, the im2col matmul, or 'auto'
+#: (matmul on CPU, where XLA's convolutions are slow, XLA's elsewhere).
+CONV_IMPLS = ('auto', 'xla', 'matmul')
+
+
+def _pairs(value, n: int, name: str):
+  if value is None:
+    return (1,) * n
+  if isinstance(value, int):
+    return (value,) * n
+  value = tuple(int(v) for v in value)
+  if len(value) != n:
+    raise ValueError(f'{name}={value!r} must have {n} entries')
+  return value
+
+
+#: Below this many input channels `MatmulConv` calls XLA's convolution.
+MATMUL_MIN_CHANNELS = 16
+
+
+def _valid_outputs(offset: int, size_in: int, size_out: int, stride: int):
+  """Output indices ``[lo, hi)`` whose input ``i * stride + offset`` exists."""
+  lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
+  last = size_in - 1 - offset
+  hi = min(size_out, last // stride + 1) if last >= 0 else 0
+  return lo, max(lo, hi)
+
+
+class MatmulConv(nn.Module):
+  """A 2-D convolution computed as a sum of one matrix multiply per tap.
+
+  Same attributes, parameters (``kernel`` ``[kh, kw, in, out]``, ``bias``)
+  and result as `nn.Conv` for NHWC inputs with ``feature_group_count=1`` and
+  no input dilation, so checkpoints and imported weights are shared. Each of
+  the ``kh * kw`` taps multiplies the (strided, dilated) input pixels it
+  actually reaches by its ``[in, out]`` kernel slice and adds the product into
+  the output rows and columns it lands on; zero padding is never materialised
+  or multiplied. That is exact, and it is what makes the large atrous rates of
+  ASPP cheap: with rate 36 on a 41x41 map (DeepLab v3 at output stride 8) the
+  eight outer taps reach 5 of 41 rows or columns, so the branch costs 17% of
+  the dense convolution that XLA (and cuDNN, and PyTorch) compute. The
+  backward pass is matmuls and slice/pad adds as well. A 1x1 convolution is
+  one matmul. Inputs with fewer than `MATMUL_MIN_CHANNELS` channels (an RGB
+  stem) go to XLA's convolution, which is faster there, and so do inputs of
+  symbolic size (`jax.export` with polymorphic shapes).
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    strides: int or pair.
+    padding: 'SAME', 'VALID', an int, or ``((top, bottom), (left, right))``.
+    kernel_dilation: int or pair (atrous rate).
+    use_bias: add a bias.
+    dtype: computation dtype (None: promote input and kernel).
+    param_dtype: parameter dtype.
+    precision: `jax.lax.Precision` of the matmuls.
+    kernel_init, bias_init: initialisers (those of `nn.Conv` by default).
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: Union[None, int, Sequence[int]] = 1
+  padding: Any = 'SAME'
+  kernel_dilation: Union[None, int, Sequence[int]] = 1
+  use_bias: bool = True
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = nn.linear.default_kernel_init
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if x.ndim != 4:
+      raise ValueError(f'MatmulConv expects NHWC input, got shape {x.shape}')
+    kh, kw = _pairs(self.kernel_size, 2, 'kernel_size')
+    sh, sw = _pairs(self.strides, 2, 'strides')
+    dh, dw = _pairs(self.kernel_dilation, 2, 'kernel_dilation')
+    n, h, w, cin = x.shape
+    kernel = self.param('kernel', self.kernel_init,
+                        (kh, kw, cin, self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    padding = self.padding
+    if isinstance(padding, int):
+      padding = ((padding, padding), (padding, padding))
+    if (cin < MATMUL_MIN_CHANNELS and kh * kw > 1) or not (
+        _is_static(h) and _is_static(w)):
+      # A few input channels (the RGB stem): per-tap matmuls of depth 3
+      # are slow, XLA's convolution is not. Symbolic sizes (shape-polymorphic
+      # export): the taps' extents cannot be computed, XLA's can.
+      if not isinstance(padding, str):
+        padding = [tuple(int(v) for v in p) for p in padding]
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (sh, sw), padding, rhs_dilation=(dh, dw),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          precision=self.precision)
+      return y if bias is None else y + bias
+    if isinstance(padding, str):
+      padding = jax.lax.padtype_to_pads(
+          (h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding)
+    (pt, pb), (pl, pr) = [tuple(int(v) for v in p) for p in padding]
+    out_h = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    out_w = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+      raise ValueError(f'MatmulConv: input {(h, w)} padded by {padding} is '
+                       f'smaller than the dilated kernel {(kh, kw)} x '
+                       f'{(dh, dw)}')
+    # Taps are summed in float32 (in bfloat16 too), as a convolution
+    # accumulates internally.
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    # One split (its gradient is one concatenation), not kh * kw slices of
+    # the kernel (whose gradients would be kh * kw padded kernel-size adds).
+    taps = [t.reshape(cin, self.features) for t in jnp.split(
+        kernel.reshape(kh * kw, cin, self.features), kh * kw, axis=0)]
+    y = None
+    for a in range(kh):
+      oa = a * dh - pt
+      i0, i1 = _valid_outputs(oa, h, out_h, sh)
+      for b in range(kw):
+        ob = b * dw - pl
+        j0, j1 = _valid_outputs(ob, w, out_w, sw)
+        if i1 <= i0 or j1 <= j0:
+          continue          # the tap only ever sees padding
+        xs = jax.lax.slice(
+            x, (0, i0 * sh + oa, j0 * sw + ob, 0),
+            (n, (i1 - 1) * sh + oa + 1, (j1 - 1) * sw + ob + 1, cin),
+            (1, sh, sw, 1))
+        z = jax.lax.dot_general(xs, taps[a * kw + b], (((3,), (0,)), ((), ())),
+                                precision=self.precision,
+                                preferred_element_type=acc)
+        if (i0, i1, j0, j1) != (0, out_h, 0, out_w):
+          z = jnp.pad(z, ((0, 0), (i0, out_h - i1), (j0, out_w - j1), (0, 0)))
+        y = z if y is None else y + z
+    if y is None:        # every tap in the padding: the output is zero
+      y = jnp.zeros((n, out_h, out_w, self.features), acc)
+    y = y.astype(x.dtype)
+    return y if bias is None else y + bias
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """'xla' or 'matmul' for ``conv_impl`` on the default backend."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl={conv_impl!r}; expected one of {CONV_IMPLS}')
+  if conv_impl == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return conv_impl
+
+
+def conv_module(conv_impl: str = 'xla') -> ModuleDef:
+  """`nn.Conv` or `MatmulConv` (same parameters) for ``conv_impl``."""
+  return MatmulConv if resolve_conv_impl(conv_impl) == 'matmul' else nn.Conv

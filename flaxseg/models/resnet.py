@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (ModuleDef, canonicalize_dtype,
-                                   conv_kernel_init, make_norm)
+                                   conv_kernel_init, conv_module, make_norm)
 
 Array = jax.Array
 
@@ -209,6 +209,8 @@ class ResNet(nn.Module):
     remat: recompute each residual block's activations in the backward pass
       (``nn.remat``) instead of keeping them: less memory, one more forward.
       Parameter names do not change.
+    conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, im2col + matmul,
+      faster on XLA:CPU) or 'auto' (matmul on CPU only); same parameters.
   """
   depth: int = 50
   base_width: int = 64
@@ -219,6 +221,7 @@ class ResNet(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
@@ -236,8 +239,8 @@ class ResNet(nn.Module):
     validate_config(self.depth, self.output_stride, self.multi_grid,
                     self.base_width)
     dtype = canonicalize_dtype(self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
-                             kernel_init=conv_kernel_init)
+    conv = functools.partial(conv_module(self.conv_impl), use_bias=False,
+                             dtype=dtype, kernel_init=conv_kernel_init)
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
     block_cls = Bottleneck if is_bottleneck(self.depth) else BasicBlock

@@ -28,7 +28,7 @@ CONFIG_FILE = 'config.json'
 
 #: ``config.model`` keys that change how a model is computed, not its
 #: parameters or function: a checkpoint restores whatever they are.
-COMPUTE_ONLY_KEYS = ('remat',)
+COMPUTE_ONLY_KEYS = ('remat', 'conv_impl')
 
 
 def log(msg: str) -> None:

@@ -61,6 +61,16 @@ def inference_settings(config) -> inference.Settings:
                                         model_align_corners(config))
 
 
+def inference_record(config) -> Dict[str, Any]:
+  """The inference mode of ``config`` as JSON data, for reports."""
+  settings = inference_settings(config)
+  return {'scales': list(settings.scales), 'flip': settings.flip,
+          'merge': settings.merge,
+          'window': list(settings.window) if settings.window else None,
+          'output_stride': int(config.eval.get('output_stride', 0) or 0) or
+                           config.model.get('output_stride')}
+
+
 def eval_apply_fn(config):
   """The evaluation model's ``apply`` at ``config.eval.output_stride``, or
   ``None`` when it is the training stride (then the state's own is used)."""
@@ -238,13 +248,7 @@ def write_report(workdir: str, step: int, scores, config=None
     out['no_crf'] = _json_scores(scores['no_crf'])
   out['step'] = step
   if config is not None:
-    settings = inference_settings(config)
-    out['inference'] = {
-        'scales': list(settings.scales), 'flip': settings.flip,
-        'merge': settings.merge,
-        'window': list(settings.window) if settings.window else None,
-        'output_stride': int(config.eval.get('output_stride', 0) or 0) or
-                         config.model.get('output_stride')}
+    out['inference'] = inference_record(config)
   path = os.path.join(workdir, f'eval_{step}.json')
   with open(path + '.tmp', 'w') as f:
     json.dump(out, f, indent=1, allow_nan=True)
@@ -271,10 +275,11 @@ def restore_for_eval(config, workdir: str, step: Optional[int] = None
   # The data-stream position does not matter for inference.
   keys = ('model', 'num_classes')
   step = ckpts.latest_step() if step is None else step
-  check_meta(ckpts.read_meta(step), run_meta(config), keys,
+  expected = run_meta(config)
+  check_meta(ckpts.read_meta(step), expected, keys,
              os.path.join(ckpts.directory, str(step)))
   state = initial_state(config, build_model(config))
-  tree, _ = ckpts.restore(state.checkpoint_tree(), run_meta(config), step,
+  tree, _ = ckpts.restore(state.checkpoint_tree(), expected, step,
                           check_keys=keys)
   return state.replace_from_checkpoint(tree)
 

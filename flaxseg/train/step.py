@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxseg import losses, metrics
+from flaxseg import inference, losses, metrics
 from flaxseg.config import IMAGENET_MEAN, IMAGENET_STD
-from flaxseg import inference
 from flaxseg.inference import crf_refine, image_mask
 from flaxseg.train.state import TrainState
+
 
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)

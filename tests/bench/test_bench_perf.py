@@ -30,11 +30,11 @@ def test_vs_torchvision_runs(tmp_path):
   out = tmp_path / 'tv.json'
   stdout = _run('vs_torchvision.py', '--models=fcn_resnet50_tv',
                 '--train=1x33', '--infer=1x33', '--repeats=1', '--flops',
-                '--peak_size=256',
+                '--peak_size=256', '--conv_impl=matmul',
                 f'--json={out}')
   rows = json.loads(out.read_text())['rows']
-  assert [(r['kind'], r['batch'], r['size']) for r in rows] == [
-      ('train', 1, 33), ('infer', 1, 33)]
+  assert [(r['kind'], r['batch'], r['size'], r['conv_impl']) for r in rows] == [
+      ('train', 1, 33, 'matmul'), ('infer', 1, 33, 'matmul')]
   for r in rows:
     assert r['jax_s'] > 0 and r['torch_s'] > 0 and r['jax_gflop'] > 0
     assert 0 < r['fraction_of_peak'] < 5
@@ -61,3 +61,16 @@ def test_pipeline_runs(tmp_path):
   result = json.loads(out.read_text())
   assert result['pipeline_examples_per_s'] > 0
   assert result['margin'] > 0
+
+
+def test_profile_step_runs(tmp_path):
+  out = tmp_path / 'profile.json'
+  stdout = _run('profile_step.py', '--model=deeplabv3_resnet18', '--batch=1',
+                '--crop=33', '--conv_impl=matmul', f'--json={out}')
+  report = json.loads(out.read_text())
+  assert report['step_s'] > 0
+  modules = {g['module'] for g in report['groups']}
+  assert any(m.startswith('backbone/layer') for m in modules), modules
+  assert 'aspp' in modules
+  assert {g['pass'] for g in report['groups']} == {'fwd', 'bwd'}
+  assert 'slowest non-matmul thunks' in stdout
