@@ -12,12 +12,22 @@ it), logs on stdout and in TensorBoard (``WORKDIR``), prediction pictures in
 Resuming is exact: the state is restored bit for bit, the data stream restarts
 at the restored step (it is a pure function of seed and step), and dropout keys
 are derived from the step.
+
+Preemption: SIGTERM or SIGINT during training (a preemptible VM going away,
+Ctrl-C) finishes the step in flight, saves a checkpoint at that step, and
+returns with ``'preempted'`` set to the signal's name; running the same
+command again resumes from there. A second signal while that checkpoint is
+written is left to its default action (kill), so a stuck save can still be
+interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict
 
@@ -41,6 +51,39 @@ from flaxseg.train.evaluator import (crf_settings, eval_stream,  # noqa: F401
 
 
 # -- training ------------------------------------------------------------------
+#: Signals that make the trainer checkpoint and return.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+  """Yields a dict whose ``'signal'`` is set when a preemption signal comes.
+
+  The handlers are installed only in the main thread (Python delivers signals
+  there; elsewhere the trainer runs without them) and restored on exit. After
+  the first signal the default action is back, so a second one kills.
+  """
+  flag = {'signal': None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+
+  def handler(signum, frame):
+    del frame
+    flag['signal'] = signal.Signals(signum).name
+    for s in PREEMPTION_SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
+
+  for s in PREEMPTION_SIGNALS:
+    signal.signal(s, handler)
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
 def _train_stream(config, records, start_step: int):
   data = config.data
   ds = pipeline.train_dataset(
@@ -73,8 +116,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   Returns:
     ``{'step': final step, 'scores': last eval scores or None,
-    'train_loss': last logged training loss}``.
+    'train_loss': last logged training loss, 'preempted': None}``; after a
+    SIGTERM/SIGINT, ``'step'`` is the step checkpointed, ``'scores'`` None
+    and ``'preempted'`` the signal's name (``'SIGTERM'``).
   """
+  with _preemption_flag() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir, stop):
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   save_run_config(config, workdir)
@@ -131,6 +181,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   for step in range(start + 1, total + 1):
     dstate, m = p_train(dstate, next(batches))
     pending.append(m)
+    if stop['signal'] is not None:
+      save(step, pending)
+      ckpts.wait()
+      ckpts.close()
+      writer.flush()
+      log(f'{stop["signal"]} at step {step}: checkpoint saved in '
+          f'{ckpts.directory}; run the same command again to resume')
+      return {'step': step, 'scores': None, 'train_loss': last_loss,
+              'preempted': stop['signal']}
     if step % config.train.log_every_steps == 0 or step == total:
       summary = _check_finite(pending, step)
       pending = []
@@ -163,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   ckpts.wait()
   ckpts.close()
   writer.flush()
-  return {'step': total, 'scores': scores, 'train_loss': last_loss}
+  return {'step': total, 'scores': scores, 'train_loss': last_loss,
+          'preempted': None}
 
 
 # -- helpers -------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """End-to-end tests of the trainer on the tiny DeepLab v3 config.
 
 Covers: a whole run (train, checkpoint, eval, pictures, JSON), exact resume
-after an interruption, refusal of a checkpoint from another model (with the
+after an interruption, SIGTERM (checkpoint at the current step, return, exact
+resume), refusal of a checkpoint from another model (with the
 checkpoint left intact), the eval-only entry point, and train.py's handling of
 an unknown config key.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -96,6 +98,37 @@ def test_interrupted_run_resumes_exactly(full_run, tmp_path, monkeypatch):
   monkeypatch.setattr(Checkpoints, 'save', original_save)
   assert Checkpoints(os.path.join(workdir, 'checkpoints')).latest_step() == 2
   loop.train_and_evaluate(config, workdir)
+  resumed, full = final_tree(workdir, config), final_tree(full_dir, config)
+  assert int(resumed['step']) == int(full['step']) == config.train.num_steps
+  jax.tree.map(np.testing.assert_array_equal, resumed, full)
+
+
+def test_sigterm_checkpoints_returns_and_resumes_exactly(full_run, tmp_path,
+                                                        monkeypatch):
+  config, full_dir, _ = full_run
+  workdir = str(tmp_path / 'preempted')
+  original = loop._map_train_step
+  before = signal.getsignal(signal.SIGTERM)
+
+  def signalled_at_step_3(config, dp):
+    p_train, calls = original(config, dp), []
+
+    def step(*args):
+      calls.append(1)
+      if len(calls) == 3:     # the VM is being preempted during step 3
+        os.kill(os.getpid(), signal.SIGTERM)
+      return p_train(*args)
+    return step
+
+  monkeypatch.setattr(loop, '_map_train_step', signalled_at_step_3)
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['preempted'] == 'SIGTERM' and result['step'] == 3
+  assert result['scores'] is None
+  assert Checkpoints(os.path.join(workdir, 'checkpoints')).latest_step() == 3
+  assert signal.getsignal(signal.SIGTERM) == before   # handlers restored
+  monkeypatch.setattr(loop, '_map_train_step', original)
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['preempted'] is None and result['scores'] is not None
   resumed, full = final_tree(workdir, config), final_tree(full_dir, config)
   assert int(resumed['step']) == int(full['step']) == config.train.num_steps
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
