@@ -25,6 +25,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # 'pmap' (default) or 'shard_map': see flaxseg.train.parallel.
   c.parallel = 'pmap'
+  # Multi-host start-up (flaxseg.train.distributed): 'auto' initialises JAX's
+  # distributed runtime when coordinator_address is set or JAX detects a
+  # cluster (TPU pod slice, SLURM, Open MPI); 'on' always, 'off' never.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = 'auto'
+  c.distributed.coordinator_address = ''   # 'host:port' of process 0
+  c.distributed.num_processes = 0          # 0: from the cluster
+  c.distributed.process_id = -1            # -1: from the cluster
+  c.distributed.local_device_ids = ''      # e.g. '0,1' (GPU hosts)
+  c.distributed.cpu_collectives = 'gloo'   # CPU cross-process collectives
+  c.distributed.initialization_timeout = 300
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'deeplabv3_resnet101'
@@ -89,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.scale_loss_weight = 0.0
   c.train.normalize_loss = True
   c.train.log_every_steps = 50
+  # Cross-device sums (gradients, losses, BatchNorm statistics): 'psum'
+  # (jax.lax.psum) or 'ordered' (all_gather + sum in device order: the same
+  # bits on any process/device layout; see flaxseg.collectives).
+  c.train.reduction = 'psum'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2000       # 0: only at the end

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxseg import collectives
+
 IGNORE_INDEX = 255
 
 
@@ -70,5 +72,5 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *,
     return total
   count = jnp.sum(valid)
   if axis_name is not None:
-    count = jax.lax.psum(count, axis_name)
+    count = collectives.psum(count, axis_name)
   return total / jnp.maximum(count, 1.0)

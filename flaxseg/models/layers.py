@@ -6,6 +6,9 @@
   of `flax.linen.BatchNorm`, so checkpoints and converted weights load into
   either.
 * `make_norm`: the one normalisation factory every model uses.
+* `OrderedSyncBatchNorm`: synchronised BatchNorm whose cross-device means
+  are summed in device order (``config.train.reduction='ordered'``, see
+  `flaxseg.collectives`), with `nn.BatchNorm`'s variables and formulas.
 * `conv_kernel_init` and `canonicalize_dtype`: initialisation and dtype
   handling shared by the model families.
 * `MatmulConv` and `conv_module`: `nn.Conv`'s computation written as one
@@ -23,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxseg import collectives
 
 Array = jax.Array
 Dtype = Any
@@ -203,6 +208,53 @@ class FrozenBatchNorm(nn.Module):
     return (x.astype(dtype) * mult.astype(dtype) + shift.astype(dtype))
 
 
+class OrderedSyncBatchNorm(nn.Module):
+  """`nn.BatchNorm` (two-pass variance) with device-ordered statistic sums.
+
+  Same variables (params ``scale``/``bias``, batch_stats ``mean``/``var``),
+  call signature and formulas as ``nn.BatchNorm(use_fast_variance=False)``;
+  only the cross-device means go through `flaxseg.collectives.pmean` with an
+  `OrderedAxis`, so they do not depend on the collective's summation order.
+
+  Attributes:
+    momentum: running-average momentum (Flax convention).
+    epsilon: added to the variance.
+    dtype: output dtype (default: the promoted input/param dtype).
+    axis_name: the data axis (an `OrderedAxis`), or None.
+  """
+  momentum: float = 0.99
+  epsilon: float = BN_EPSILON
+  dtype: Optional[Dtype] = None
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool = False):
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean',
+                            lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var',
+                           lambda: jnp.ones((c,), jnp.float32))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+      # As nn.BatchNorm: no cross-device mean while initialising (init runs
+      # outside the mapped function).
+      axis = None if self.is_initializing() else self.axis_name
+      mean = collectives.pmean(xf.mean(axes), axis)
+      var = collectives.pmean(jnp.square(xf - mean).mean(axes), axis)
+      if not self.is_initializing():
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * mean)
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    dtype = self.dtype or jnp.result_type(x, scale)
+    return jnp.asarray(y, dtype)
+
+
 def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
               frozen: bool = False, dtype: Dtype = jnp.float32) -> ModuleDef:
   """Returns the BatchNorm constructor shared by every model.
@@ -221,7 +273,9 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
     dtype: computation dtype; statistics and params stay float32.
 
   Returns:
-    A `functools.partial` of `nn.BatchNorm` or `FrozenBatchNorm`.
+    A `functools.partial` of `nn.BatchNorm` or `FrozenBatchNorm`; of
+    `OrderedSyncBatchNorm` when ``axis_name`` is a
+    `flaxseg.collectives.OrderedAxis`.
 
   Batch variances are two-pass, ``mean((x - mean(x))^2)`` as PyTorch computes
   them, not Flax's default one-pass ``mean(x^2) - mean(x)^2``: in float32 the
@@ -231,6 +285,10 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
   """
   if frozen:
     return functools.partial(FrozenBatchNorm, epsilon=BN_EPSILON, dtype=dtype)
+  if isinstance(axis_name, collectives.OrderedAxis):
+    return functools.partial(OrderedSyncBatchNorm, momentum=momentum,
+                             epsilon=BN_EPSILON, axis_name=axis_name,
+                             dtype=dtype)
   return functools.partial(nn.BatchNorm, momentum=momentum,
                            epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype,
                            use_fast_variance=False)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import jax
 import ml_collections
 
-from flaxseg import models
+from flaxseg import collectives, models
 from flaxseg.checkpoint import Checkpoints
 from flaxseg.data import synthetic, voc
 from flaxseg.train import optim, parallel, warm_start
@@ -86,9 +86,16 @@ def ensure_synthetic(root: str, params: Dict[str, int], seed: int) -> str:
       seed=int(seed), image_size=(params['min_size'], params['max_size']))
   with open(os.path.join(tmp, os.path.basename(marker)), 'w') as f:
     json.dump(wanted, f)
-  if os.path.exists(root):
-    os.rmdir(root)
-  os.replace(tmp, root)
+  try:
+    if os.path.exists(root):
+      os.rmdir(root)
+    os.replace(tmp, root)
+  except OSError:
+    # Another process (a multi-host run on a shared disk) got there first.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(marker):
+      raise
+    return ensure_synthetic(root, params, seed)
   return voc_root
 
 
@@ -137,6 +144,8 @@ def build_model(config, axis_name: Optional[str] = parallel.AXIS,
                      ('pixel_std', config.data.std)):
     if key in accepted and key not in kwargs:
       kwargs[key] = tuple(value)
+  axis_name = collectives.axis_name_for(
+      axis_name, config.get('train', {}).get('reduction', 'psum'))
   return models.create_model(name, num_classes=config.data.num_classes,
                              bn_axis_name=axis_name, **kwargs)
 

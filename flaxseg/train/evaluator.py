@@ -32,7 +32,7 @@ from flaxseg import viz
 from flaxseg.checkpoint import Checkpoints, CheckpointError, check_meta
 from flaxseg.config import validate_config
 from flaxseg.data import pipeline, voc
-from flaxseg.train import parallel, step as step_lib
+from flaxseg.train import distributed, parallel, step as step_lib
 from flaxseg.train.builders import (build_model, class_names, dataset_root,
                                     initial_state, log, run_meta)
 from flaxseg.train.state import TrainState
@@ -293,6 +293,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   scores, and the network's own under ``no_crf``).
   """
   validate_config(config)
+  distributed.initialize(config.distributed)
   root = dataset_root(config, workdir)
   eval_records = voc.list_records(root, config.data.eval_split)
   dp = parallel.DataParallel(config.parallel)

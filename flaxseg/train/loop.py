@@ -35,12 +35,13 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from flaxseg.checkpoint import Checkpoints
 from flaxseg.config import validate_config
 from flaxseg.data import pipeline, voc
-from flaxseg.train import evaluator, optim, parallel, step as step_lib
-from flaxseg.train import warm_start
+from flaxseg.train import distributed, evaluator, optim, parallel
+from flaxseg.train import step as step_lib, warm_start
 # The builders and the eval entry point, importable from here as before.
 from flaxseg.train.builders import (build_model, class_names,  # noqa: F401
                                     dataset_root, ensure_synthetic,
@@ -64,7 +65,10 @@ def _preemption_flag():
   the first signal the default action is back, so a second one kills.
   """
   flag = {'signal': None}
-  if threading.current_thread() is not threading.main_thread():
+  if (threading.current_thread() is not threading.main_thread()
+      or jax.process_count() > 1):
+    # Several processes: SIGTERM goes to JAX's preemption notifier instead,
+    # which agrees on one step for all of them (see _preempted).
     yield flag
     return
   previous = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
@@ -82,6 +86,19 @@ def _preemption_flag():
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+def _preempted(stop, step: int):
+  """The signal's name if training must checkpoint and stop after ``step``.
+
+  One process: the flag our handler sets. Several: JAX's preemption sync
+  point (``multihost_utils.reached_preemption_sync_point``), which is
+  reached on every process at the same step once any of them got SIGTERM.
+  """
+  if jax.process_count() > 1:
+    return 'SIGTERM' if multihost_utils.reached_preemption_sync_point(
+        step) else None
+  return stop['signal']
 
 
 def _train_stream(config, records, start_step: int):
@@ -120,12 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     SIGTERM/SIGINT, ``'step'`` is the step checkpointed, ``'scores'`` None
     and ``'preempted'`` the signal's name (``'SIGTERM'``).
   """
+  validate_config(config)
+  distributed.initialize(config.distributed)
   with _preemption_flag() as stop:
     return _train_and_evaluate(config, workdir, stop)
 
 
 def _train_and_evaluate(config, workdir, stop):
-  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   save_run_config(config, workdir)
   root = dataset_root(config, workdir)
@@ -133,7 +151,8 @@ def _train_and_evaluate(config, workdir, stop):
                                    sbd_root=config.data.sbd_root or None)
   eval_records = voc.list_records(root, config.data.eval_split)
 
-  dp = parallel.DataParallel(config.parallel)
+  dp = parallel.DataParallel(config.parallel,
+                             reduction=config.train.reduction)
   if config.data.batch_size % dp.num_devices:
     raise ValueError(f'config.data.batch_size={config.data.batch_size} is not '
                      f'a multiple of the {dp.num_devices} devices')
@@ -181,15 +200,16 @@ def _train_and_evaluate(config, workdir, stop):
   for step in range(start + 1, total + 1):
     dstate, m = p_train(dstate, next(batches))
     pending.append(m)
-    if stop['signal'] is not None:
+    signalled = _preempted(stop, step)
+    if signalled is not None:
       save(step, pending)
       ckpts.wait()
       ckpts.close()
       writer.flush()
-      log(f'{stop["signal"]} at step {step}: checkpoint saved in '
+      log(f'{signalled} at step {step}: checkpoint saved in '
           f'{ckpts.directory}; run the same command again to resume')
       return {'step': step, 'scores': None, 'train_loss': last_loss,
-              'preempted': stop['signal']}
+              'preempted': signalled}
     if step % config.train.log_every_steps == 0 or step == total:
       summary = _check_finite(pending, step)
       pending = []

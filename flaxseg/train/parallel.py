@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flaxseg import collectives
+
 AXIS = 'batch'
 REPLICATED, SHARDED = 'replicated', 'sharded'
 
@@ -39,13 +41,18 @@ class DataParallel:
     mode: ``'pmap'`` or ``'shard_map'``.
     devices: devices to use (default: all; the global device list for
       shard_map, the process-local ones for pmap).
+    reduction: ``'psum'`` or ``'ordered'`` (``config.train.reduction``): the
+      mapped functions get the axis name as a plain string or as a
+      `flaxseg.collectives.OrderedAxis`.
   """
 
-  def __init__(self, mode: str = 'pmap', devices=None):
+  def __init__(self, mode: str = 'pmap', devices=None,
+               reduction: str = 'psum'):
     if mode not in ('pmap', 'shard_map'):
       raise ValueError(f"config.parallel: unknown mode {mode!r} "
                        "(expected 'pmap' or 'shard_map')")
     self.mode = mode
+    self.axis_name = collectives.axis_name_for(AXIS, reduction)
     if mode == 'pmap':
       self.devices = list(devices or jax.local_devices())
       # Arrays for pmap carry a leading device axis, laid out on this mesh.
@@ -57,6 +64,12 @@ class DataParallel:
           axis_types=(jax.sharding.AxisType.Auto,))
     self.local_devices = [d for d in self.devices
                           if d.process_index == jax.process_index()]
+    # pmap's collectives span the devices it is given: with several
+    # processes it must get the global list (each process still feeds and
+    # receives only its local slice); process-local devices would make every
+    # host train on its own.
+    self.pmap_devices = (jax.devices() if devices is None
+                         and jax.process_count() > 1 else self.local_devices)
 
   @property
   def num_devices(self) -> int:
@@ -77,7 +90,10 @@ class DataParallel:
           lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
           state)
       return jax.device_put(stacked, NamedSharding(self.mesh, P(AXIS)))
-    return jax.device_put(state, NamedSharding(self.mesh, P()))
+    # From host copies: a restored single-device array cannot be sent to
+    # another process's devices, the same numpy value on every process can.
+    return jax.device_put(jax.tree.map(np.asarray, state),
+                          NamedSharding(self.mesh, P()))
 
   def get_state(self, state):
     """The device state as one host copy (first replica)."""
@@ -133,11 +149,11 @@ class DataParallel:
       A callable on device state and device batch.
     """
     def per_shard(state, batch):
-      return fn(state, batch, axis_name=AXIS)
+      return fn(state, batch, axis_name=self.axis_name)
     donate = (0,) if donate_state else ()
     if self.mode == 'pmap':
       return jax.pmap(per_shard, axis_name=AXIS, donate_argnums=donate,
-                      devices=self.local_devices)
+                      devices=self.pmap_devices)
     out_specs = jax.tree.map(lambda k: P() if k == REPLICATED else P(AXIS),
                              out_kinds)
     mapped = jax.shard_map(per_shard, mesh=self.mesh,
@@ -146,7 +162,14 @@ class DataParallel:
     return jax.jit(mapped, donate_argnums=donate)
 
   def fetch(self, value, kind: str = REPLICATED):
-    """Brings a mapped output to the host as numpy."""
+    """Brings a mapped output to the host as numpy.
+
+    ``REPLICATED`` values come back whole; ``SHARDED`` ones as this
+    process's rows (all rows with one process), in the order of the batch
+    it fed to ``put_batch``.
+    """
+    if self.mode == 'shard_map' and kind == SHARDED:
+      return jax.tree.map(_local_rows, value)
     value = jax.device_get(value)
     if self.mode == 'pmap':
       if kind == REPLICATED:
@@ -154,3 +177,11 @@ class DataParallel:
       return jax.tree.map(
           lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), value)
     return jax.tree.map(np.asarray, value)
+
+
+def _local_rows(x) -> np.ndarray:
+  """The rows of a batch-sharded global array held by this process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])

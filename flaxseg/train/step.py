@@ -21,14 +21,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxseg import inference, losses, metrics
+from flaxseg import collectives, inference, losses, metrics
 from flaxseg.config import IMAGENET_MEAN, IMAGENET_STD
 from flaxseg.inference import crf_refine, image_mask
 from flaxseg.train.state import TrainState
 
 
 def _psum(x, axis_name):
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
+  # jax.lax.psum, or the device-ordered sum for config.train.reduction=
+  # 'ordered' (axis_name is then a collectives.OrderedAxis).
+  return collectives.psum(x, axis_name)
 
 
 def step_rng(seed: int, step, axis_name: Optional[str]):
