@@ -104,6 +104,12 @@ def default_config() -> ml_collections.ConfigDict:
   # (jax.lax.psum) or 'ordered' (all_gather + sum in device order: the same
   # bits on any process/device layout; see flaxseg.collectives).
   c.train.reduction = 'psum'
+  # A non-finite loss or gradient: 'raise' (stop with FloatingPointError
+  # naming the step; no checkpoint is written after it) or 'skip' (leave the
+  # state unchanged for that step, count it in the logs, and stop once more
+  # than max_nonfinite_skips updates were skipped).
+  c.train.on_nonfinite = 'raise'
+  c.train.max_nonfinite_skips = 100
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2000       # 0: only at the end

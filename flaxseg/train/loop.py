@@ -52,6 +52,9 @@ from flaxseg.train.evaluator import (crf_settings, eval_stream,  # noqa: F401
 
 
 # -- training ------------------------------------------------------------------
+#: ``config.train.on_nonfinite`` values.
+NONFINITE_MODES = ('raise', 'skip')
+
 #: Signals that make the trainer checkpoint and return.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -119,7 +122,8 @@ def _map_train_step(config, dp):
       functools.partial(step_lib.train_step, seed=config.seed,
                         aux_loss_weight=config.train.aux_loss_weight,
                         scale_loss_weight=config.train.scale_loss_weight,
-                        normalize_loss=config.train.normalize_loss),
+                        normalize_loss=config.train.normalize_loss,
+                        skip_nonfinite=config.train.on_nonfinite == 'skip'),
       (parallel.REPLICATED, parallel.REPLICATED), donate_state=True)
 
 
@@ -138,6 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     and ``'preempted'`` the signal's name (``'SIGTERM'``).
   """
   validate_config(config)
+  if config.train.on_nonfinite not in NONFINITE_MODES:
+    raise ValueError(f'config.train.on_nonfinite={config.train.on_nonfinite!r}'
+                     f': expected one of {NONFINITE_MODES}')
   distributed.initialize(config.distributed)
   with _preemption_flag() as stop:
     return _train_and_evaluate(config, workdir, stop)
@@ -187,8 +194,10 @@ def _train_and_evaluate(config, workdir, stop):
   batches = dp.prefetch(_train_stream(config, train_records, start),
                         config.data.prefetch_to_device)
 
+  skips = _Skips(config.train)
+
   def save(step, pending):
-    _check_finite(pending, step)
+    skips.check(pending, step)
     ckpts.save(step, dp.get_state(dstate).checkpoint_tree(),
                dict(meta, step=step))
 
@@ -209,9 +218,9 @@ def _train_and_evaluate(config, workdir, stop):
       log(f'{signalled} at step {step}: checkpoint saved in '
           f'{ckpts.directory}; run the same command again to resume')
       return {'step': step, 'scores': None, 'train_loss': last_loss,
-              'preempted': signalled}
+              'preempted': signalled, 'skipped_steps': skips.steps}
     if step % config.train.log_every_steps == 0 or step == total:
-      summary = _check_finite(pending, step)
+      summary = skips.check(pending, step)
       pending = []
       now = time.time()
       rate = (step - t_step0) / max(now - t0, 1e-9)
@@ -223,7 +232,7 @@ def _train_and_evaluate(config, workdir, stop):
       eta = (total - step) / max(rate, 1e-9)
       log(f'step {step}/{total}  loss {summary["loss"]:.4f}  '
           f'lr {summary["lr"]:.5f}  {summary["images_per_sec"]:.1f} img/s  '
-          f'ETA {eta / 60:.1f} min')
+          f'ETA {eta / 60:.1f} min' + skips.note())
     if step % config.checkpoint.every_steps == 0 and step != total:
       save(step, pending)
     if (config.eval.every_steps and step % config.eval.every_steps == 0
@@ -243,25 +252,67 @@ def _train_and_evaluate(config, workdir, stop):
   ckpts.close()
   writer.flush()
   return {'step': total, 'scores': scores, 'train_loss': last_loss,
-          'preempted': None}
+          'preempted': None, 'skipped_steps': skips.steps}
 
 
 # -- helpers -------------------------------------------------------------------
-def _check_finite(pending, step: int) -> Dict[str, float]:
-  """Means of the pending step metrics; raises on a non-finite step."""
-  if not pending:
-    return {}
-  host = jax.device_get(pending)
-  host = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
-          for m in host]
-  for offset, m in enumerate(host):
-    if m['finite'] < 1.0:
+class _Skips:
+  """Non-finite steps of the run: raises on one, or counts skipped ones.
+
+  ``check(pending, step)`` reduces the step metrics pending since the last
+  log (ending at ``step``; a checkpoint checks them too, so a step can be
+  seen twice) to their means over the finite steps. With
+  ``on_nonfinite='raise'`` a non-finite step raises ``FloatingPointError``
+  naming it; callers check before every checkpoint, so none is written
+  after a bad step. With ``'skip'`` the step has already left the state as
+  it was (``train_step(skip_nonfinite=True)``); it is counted, named in the
+  logs, and more than ``max_nonfinite_skips`` of them raise.
+  """
+
+  def __init__(self, train_config):
+    self.skip = train_config.on_nonfinite == 'skip'
+    self.limit = int(train_config.max_nonfinite_skips)
+    self.steps = []        # steps whose update was skipped
+    self._new = []
+
+  def check(self, pending, step: int) -> Dict[str, float]:
+    if not pending:
+      return {}
+    host = jax.device_get(pending)
+    host = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+            for m in host]
+    good = []
+    for offset, m in enumerate(host):
+      if m['finite'] >= 1.0:
+        good.append(m)
+        continue
       bad = step - len(host) + offset + 1
-      raise FloatingPointError(
-          f'non-finite loss or gradient at step {bad} (loss={m["loss"]}, '
-          f'grad_norm={m["grad_norm"]}); no checkpoint was written for it')
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]
-          if k != 'finite'}
+      if not self.skip:
+        raise FloatingPointError(
+            f'non-finite loss or gradient at step {bad} (loss={m["loss"]}, '
+            f'grad_norm={m["grad_norm"]}); no checkpoint was written for it '
+            "(config.train.on_nonfinite='skip' skips such updates)")
+      if bad in self.steps:   # checked before (a save, then the log)
+        continue
+      self.steps.append(bad)
+      self._new.append(bad)
+      if len(self.steps) > self.limit:
+        raise FloatingPointError(
+            f'{len(self.steps)} non-finite steps (the last at step {bad}) '
+            f'exceed config.train.max_nonfinite_skips={self.limit}; skipped '
+            f'steps: {self.steps[:20]}')
+    out = {k: float(np.mean([m[k] for m in good])) if good else float('nan')
+           for k in host[0] if k != 'finite'}
+    out['skipped_updates'] = float(len(self.steps))
+    return out
+
+  def note(self) -> str:
+    """Log suffix naming the steps skipped since the last note."""
+    if not self._new:
+      return ''
+    new, self._new = self._new, []
+    return (f'  (skipped non-finite update(s) at step(s) '
+            f'{", ".join(map(str, new))}; {len(self.steps)} so far)')
 
 
 def _flatten(d, prefix=''):

@@ -50,7 +50,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                aux_loss_weight: float = 0.0,
                scale_loss_weight: float = 0.0,
                ignore_index: int = losses.IGNORE_INDEX,
-               normalize_loss: bool = True
+               normalize_loss: bool = True,
+               skip_nonfinite: bool = False
                ) -> tuple[TrainState, Dict[str, jax.Array]]:
   """One SGD step on a shard of the batch.
 
@@ -66,6 +67,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       multi-scale training, sec. 4.1, puts weight 1 on each).
     ignore_index: void label.
     normalize_loss: mean over valid pixels (True) or plain sum.
+    skip_nonfinite: when the loss or the gradient is not finite, return the
+      state unchanged except for ``step`` (parameters, BatchNorm statistics
+      and optimizer state, its step count included, are kept), so the run
+      continues on the next batch (``config.train.on_nonfinite='skip'``).
 
   Returns:
     ``(new_state, metrics)`` with scalar ``loss``, ``main_loss``, ``aux_loss``,
@@ -100,6 +105,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads, batch_stats)
+  if skip_nonfinite:
+    kept = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, kept)
   return new_state, {'loss': loss, 'main_loss': main, 'aux_loss': aux_loss,
                      'grad_norm': grad_norm,
                      'finite': finite.astype(jnp.float32)}

@@ -134,6 +134,80 @@ def test_sigterm_checkpoints_returns_and_resumes_exactly(full_run, tmp_path,
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
 
 
+def _nan_at_step(monkeypatch, bad_step):
+  """Makes the training batch of ``bad_step`` all NaN."""
+  original = loop._train_stream
+
+  def stream(config, records, start_step):
+    for step, batch in enumerate(original(config, records, start_step),
+                                 start_step + 1):
+      if step == bad_step:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+  monkeypatch.setattr(loop, '_train_stream', stream)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_good_checkpoint(
+    full_run, tmp_path, monkeypatch):
+  config, full_dir, _ = full_run
+  workdir = str(tmp_path / 'nan')
+  _nan_at_step(monkeypatch, config.train.num_steps)   # the last step
+  with pytest.raises(FloatingPointError,
+                     match=f'at step {config.train.num_steps} '):
+    loop.train_and_evaluate(config, workdir)
+  ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  assert ckpts.all_steps() == [2]          # no checkpoint of the bad step
+  state = loop.initial_state(config, loop.build_model(config))
+  good, _ = ckpts.restore(state.checkpoint_tree(), loop.run_meta(config))
+  full, _ = Checkpoints(os.path.join(full_dir, 'checkpoints')).restore(
+      state.checkpoint_tree(), loop.run_meta(config), step=2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(good),
+               jax.device_get(full))
+
+
+def test_nan_update_skipped_by_config(full_run, tmp_path, monkeypatch, capsys):
+  config, _, _ = full_run
+  config = config.copy_and_resolve_references()
+  config.train.on_nonfinite = 'skip'
+  config.checkpoint.every_steps = 1
+  config.checkpoint.max_to_keep = 10
+  workdir = str(tmp_path / 'skip')
+  _nan_at_step(monkeypatch, 3)
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['step'] == config.train.num_steps
+  assert result['skipped_steps'] == [3]
+  assert 'skipped non-finite update(s) at step(s) 3; 1 so far' in (
+      capsys.readouterr().out)
+  ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  state = loop.initial_state(config, loop.build_model(config))
+  trees = {s: jax.device_get(ckpts.restore(state.checkpoint_tree(),
+                                           loop.run_meta(config), step=s)[0])
+           for s in (2, 3, 4)}
+  assert int(trees[3]['step']) == 3
+  for key in ('params', 'batch_stats', 'opt_state'):   # step 3 changed nothing
+    jax.tree.map(np.testing.assert_array_equal, trees[3][key], trees[2][key])
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(trees[4]))
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(trees[4]['params']), jax.tree.leaves(trees[3]['params'])))
+
+
+def test_skip_limit_and_bad_mode():
+  c = tiny_config()
+  c.train.on_nonfinite = 'skip'
+  c.train.max_nonfinite_skips = 1
+  skips = loop._Skips(c.train)
+  bad = {'loss': np.nan, 'main_loss': np.nan, 'aux_loss': 0.0,
+         'grad_norm': np.nan, 'finite': 0.0}
+  good = dict(bad, loss=1.0, main_loss=1.0, grad_norm=1.0, finite=1.0)
+  assert skips.check([good, bad], 2)['loss'] == 1.0
+  assert skips.check([good, bad], 2)['skipped_updates'] == 1.0  # seen once
+  with pytest.raises(FloatingPointError, match='max_nonfinite_skips=1'):
+    skips.check([bad], 3)
+  c.train.on_nonfinite = 'ignore'
+  with pytest.raises(ValueError, match='config.train.on_nonfinite'):
+    loop.train_and_evaluate(c, '/nonexistent/never/written')
+
+
 def test_checkpoint_of_other_model_is_refused(full_run, tmp_path):
   config, full_dir, _ = full_run
   before = _listing(os.path.join(full_dir, 'checkpoints'))

@@ -66,3 +66,18 @@ def test_non_finite_loss_is_flagged(batch):
   bad = dict(batch, image=batch['image'].at[0, 0, 0, 0].set(jnp.nan))
   _, m = flaxseg.train_step(state, bad, axis_name=None)
   assert float(m['finite']) == 0.0
+
+
+def test_non_finite_update_is_skipped_on_request(batch):
+  state = _state('float32')
+  bad = dict(batch, image=batch['image'].at[0, 0, 0, 0].set(jnp.nan))
+  new, m = flaxseg.train_step(state, bad, axis_name=None, skip_nonfinite=True)
+  assert float(m['finite']) == 0.0 and int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((new.params, new.batch_stats, new.opt_state)),
+                  jax.tree.leaves((state.params, state.batch_stats,
+                                   state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  good, _ = flaxseg.train_step(state, batch, axis_name=None,
+                               skip_nonfinite=True)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(good.params), jax.tree.leaves(state.params)))
