@@ -73,6 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_pad_size = 513
   c.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
   c.data.prefetch_to_device = 2
+  # An image/mask that cannot be read or fails validation: 'raise' (stop,
+  # naming the file) or 'skip' (training takes the next readable record in
+  # its place, evaluation leaves it out; each one is logged and counted).
+  c.data.on_bad_example = 'raise'
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_train = 400
   c.data.synthetic.num_val = 100

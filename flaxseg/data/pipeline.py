@@ -22,13 +22,19 @@ size, the last global batch filled with dummy examples flagged
 Decoding runs :func:`flaxseg.data.voc.load_example` through
 ``tf.numpy_function``, so a bad file surfaces as an error whose text contains
 the :class:`~flaxseg.data.voc.DatasetError` message with the file name.
+With ``on_bad_example='skip'`` such an example is recorded in a
+:class:`BadExamples` instead: training takes the next readable record of the
+list in its place (the same one on every run, so the stream stays a function
+of ``(seed, step)`` and of which files are bad); evaluation leaves the slot
+empty (all pixels ignored, ``valid=False``), so it counts for nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+import threading
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -45,6 +51,51 @@ except RuntimeError:  # TF devices were already initialised elsewhere.
 IMAGENET_MEAN = transforms.IMAGENET_MEAN
 IMAGENET_STD = transforms.IMAGENET_STD
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+#: ``on_bad_example`` values.
+BAD_EXAMPLE_MODES = ("raise", "skip")
+
+
+class BadExamples:
+  """The examples a pipeline skipped, with the error each one gave.
+
+  Decoding threads add to it; the trainer reads what is new at each log step.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.errors: dict[str, str] = {}     # record id -> DatasetError message
+    self._new: list[str] = []
+
+  def add(self, record: voc.Record, error: Exception) -> None:
+    with self._lock:
+      if record.id not in self.errors:
+        self.errors[record.id] = str(error)
+        self._new.append(str(error))
+
+  def __contains__(self, record_id: str) -> bool:
+    with self._lock:
+      return record_id in self.errors
+
+  def __len__(self) -> int:
+    with self._lock:
+      return len(self.errors)
+
+  def take_new(self) -> list[str]:
+    """Messages of the examples skipped since the last call."""
+    with self._lock:
+      new, self._new = self._new, []
+    return new
+
+
+def _bad_example_mode(on_bad_example: str, bad_examples):
+  if on_bad_example not in BAD_EXAMPLE_MODES:
+    raise ValueError(f"on_bad_example={on_bad_example!r}: expected one of "
+                     f"{BAD_EXAMPLE_MODES} (config.data.on_bad_example)")
+  if on_bad_example == "skip" and bad_examples is None:
+    bad_examples = BadExamples()
+  return on_bad_example == "skip", bad_examples
 
 
 def _per_process_batch(global_batch_size: int, process_index: int,
@@ -108,7 +159,9 @@ def train_dataset(records: Sequence[voc.Record], *, num_classes: int,
                   mean: Sequence[float] = IMAGENET_MEAN,
                   std: Sequence[float] = IMAGENET_STD,
                   num_parallel_calls: int = AUTOTUNE,
-                  prefetch: int = AUTOTUNE) -> tf.data.Dataset:
+                  prefetch: int = AUTOTUNE, on_bad_example: str = "raise",
+                  bad_examples: Optional[BadExamples] = None
+                  ) -> tf.data.Dataset:
   """The infinite, deterministic training stream of this process.
 
   Args:
@@ -126,6 +179,12 @@ def train_dataset(records: Sequence[voc.Record], *, num_classes: int,
     std: normalisation standard deviation, in [0, 1] units.
     num_parallel_calls: parallelism of decoding and augmentation.
     prefetch: batches to prefetch.
+    on_bad_example: ``'raise'`` (a file that cannot be read stops the stream
+      with its :class:`~flaxseg.data.voc.DatasetError`) or ``'skip'`` (it is
+      added to ``bad_examples`` and the next readable record in list order
+      takes its place).
+    bad_examples: where skipped examples are recorded (``'skip'``; default a
+      new one, unseen by the caller).
 
   Returns:
     A ``tf.data.Dataset`` of dicts ``{'image': float32 [b, h, w, 3],
@@ -138,6 +197,7 @@ def train_dataset(records: Sequence[voc.Record], *, num_classes: int,
     raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
   records = list(records)
   order = _EpochOrder(len(records), seed)
+  skip, bad_examples = _bad_example_mode(on_bad_example, bad_examples)
 
   def position(local):
     # Row `local` of this process's stream -> global stream position.
@@ -145,7 +205,20 @@ def train_dataset(records: Sequence[voc.Record], *, num_classes: int,
     return step * global_batch_size + process_index * b + local % b
 
   def load(pos):
-    return voc.load_example(records[order(pos)], num_classes)
+    i = order(pos)
+    if not skip:
+      return voc.load_example(records[i], num_classes)
+    for k in range(len(records)):
+      record = records[(i + k) % len(records)]
+      if record.id in bad_examples:
+        continue
+      try:
+        return voc.load_example(record, num_classes)
+      except voc.DatasetError as e:
+        bad_examples.add(record, e)
+    raise voc.DatasetError(
+        f"none of the {len(records)} training examples can be read; first "
+        f"error: {next(iter(bad_examples.errors.values()))}")
 
   def decode(pos):
     image, label = tf.numpy_function(load, [pos], [tf.uint8, tf.uint8],
@@ -202,7 +275,9 @@ def eval_dataset(records: Sequence[voc.Record], *, num_classes: int,
                  mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD,
                  num_parallel_calls: int = AUTOTUNE,
-                 prefetch: int = AUTOTUNE) -> tf.data.Dataset:
+                 prefetch: int = AUTOTUNE, on_bad_example: str = "raise",
+                 bad_examples: Optional[BadExamples] = None
+                 ) -> tf.data.Dataset:
   """One finite pass over whole images, padded to a fixed size.
 
   The records are padded with dummy examples to a multiple of
@@ -223,12 +298,16 @@ def eval_dataset(records: Sequence[voc.Record], *, num_classes: int,
     std: normalisation standard deviation, in [0, 1] units.
     num_parallel_calls: decoding parallelism.
     prefetch: batches to prefetch.
+    on_bad_example: ``'raise'``, or ``'skip'``: an unreadable example is
+      added to ``bad_examples`` and its slot left empty (``valid=False``,
+      size 0, every pixel ignored).
+    bad_examples: where skipped examples are recorded.
 
   Returns:
     A ``tf.data.Dataset`` of ``num_eval_steps(len(records), G)`` dicts:
     ``'image'`` float32 [b, H, W, 3], ``'label'`` int32 [b, H, W],
     ``'valid'`` bool [b], ``'height'``/``'width'`` int32 [b] (original size,
-    0 for dummies), ``'index'`` int32 [b] (position in ``records``, -1 for
+    0 for dummies and skipped examples), ``'index'`` int32 [b] (position in ``records``, -1 for
     dummies), with ``b = G // P``.
   """
   b = _per_process_batch(global_batch_size, process_index, process_count)
@@ -238,6 +317,8 @@ def eval_dataset(records: Sequence[voc.Record], *, num_classes: int,
   n = len(records)
   pad_h, pad_w = int(pad_to[0]), int(pad_to[1])
   steps = num_eval_steps(n, global_batch_size)
+  skip, bad_examples = _bad_example_mode(on_bad_example, bad_examples)
+  empty = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8)
 
   def index(local):
     j = (local // b) * global_batch_size + process_index * b + local % b
@@ -245,9 +326,15 @@ def eval_dataset(records: Sequence[voc.Record], *, num_classes: int,
 
   def load(i):
     if i < 0:
-      return np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8)
+      return empty
     record = records[int(i)]
-    image, label = voc.load_example(record, num_classes)
+    try:
+      image, label = voc.load_example(record, num_classes)
+    except voc.DatasetError as e:
+      if not skip:
+        raise
+      bad_examples.add(record, e)
+      return empty
     if image.shape[0] > pad_h or image.shape[1] > pad_w:
       raise voc.DatasetError(
           f"image {record.image_path!r} is {image.shape[0]}x{image.shape[1]}, "
@@ -267,7 +354,8 @@ def eval_dataset(records: Sequence[voc.Record], *, num_classes: int,
     image.set_shape([pad_h, pad_w, 3])
     label.set_shape([pad_h, pad_w])
     return {"image": image, "label": tf.cast(label, tf.int32),
-            "valid": i >= 0, "height": height, "width": width,
+            "valid": (i >= 0) & (height > 0), "height": height,
+            "width": width,
             "index": tf.cast(i, tf.int32)}
 
   ds = tf.data.Dataset.range(steps * b).map(index)

@@ -39,6 +39,7 @@ import PIL.Image
 import scipy.io
 import tensorflow_datasets as tfds
 
+from flaxseg.data import voc
 from flaxseg.data.voc import DatasetError, IGNORE_LABEL, VOC_CLASSES
 
 NUM_CLASSES = len(VOC_CLASSES)
@@ -118,7 +119,11 @@ def decode_png_mask(data: bytes, where: str) -> np.ndarray:
     with PIL.Image.open(io.BytesIO(data)) as img:
       mode = img.mode
       mask = np.asarray(img)
+      if mode == "P":
+        voc.check_mask_palette(where, img, mask)
   except (OSError, ValueError) as e:
+    if isinstance(e, DatasetError):
+      raise
     raise DatasetError(f"{where}: cannot decode PNG mask: {e}") from e
   if mode not in ("P", "L"):
     raise DatasetError(f"{where}: expected a palette ('P') or grayscale ('L') "

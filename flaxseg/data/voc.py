@@ -288,6 +288,8 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
               f"ids must be stored as palette indices (or 8-bit greyscale)")
         # np.asarray of a 'P' image gives the indices, not the colours.
         label = np.asarray(img, dtype=np.uint8)
+        if img.mode == "P":
+          check_mask_palette(f"mask {path!r}", img, label)
     except DatasetError:
       raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -300,6 +302,49 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
         f"mask {path!r} has values outside [0, {num_classes}) and "
         f"{IGNORE_LABEL}: {shown}{' ...' if bad.size > 10 else ''}")
   return label.astype(np.uint8, copy=False)
+
+
+def check_mask_palette(where: str, img, label: np.ndarray) -> None:
+  """Refuses a palette mask whose colours are not VOC's for its indices.
+
+  In a VOC mask the palette index is the class and the colour only shows
+  it; a mask drawn with another palette (another dataset's colours, or an
+  RGB mask quantised to 'P' by an editor, whose indices follow the order the
+  colours were met) has indices that are not VOC class ids. A greyscale
+  palette (index i shown as (i, i, i)), or one too short to colour the
+  indices used, is accepted: its indices are ids.
+
+  Args:
+    where: the mask, for the message (e.g. ``"mask '/path/x.png'"``).
+    img: the open 'P' Pillow image.
+    label: its indices.
+
+  Raises:
+    DatasetError: naming ``where`` and the first indices whose colours differ.
+  """
+  raw = img.getpalette()
+  if raw is None:
+    return
+  colours = np.zeros((256, 3), np.uint8)
+  raw = np.asarray(raw[:768], np.uint8).reshape(-1, 3)
+  colours[:len(raw)] = raw
+  # Indices past a short palette have no colour to judge.
+  used = np.unique(label)
+  used = used[used < len(raw)]
+  voc = voc_palette()
+  grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+  if (np.array_equal(colours[used], voc[used])
+      or np.array_equal(colours[used], grey[used])):
+    return
+  wrong = [int(i) for i in used if not np.array_equal(colours[i], voc[i])]
+  shown = ", ".join(f"index {i} is {tuple(int(c) for c in colours[i])} "
+                    f"(VOC: {tuple(int(c) for c in voc[i])})"
+                    for i in wrong[:3])
+  raise DatasetError(
+      f"{where} uses a different palette from VOC's ({shown}"
+      f"{' ...' if len(wrong) > 3 else ''}), so its pixel values may not be "
+      f"VOC class ids; re-save it with the VOC palette (class id = index) or "
+      f"as 8-bit greyscale ids")
 
 
 def _read_sbd_mat(path: str) -> np.ndarray:

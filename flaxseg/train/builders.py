@@ -36,6 +36,13 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def log_every_process(msg: str) -> None:
+  """Prints on every process (what only that process saw), tagged."""
+  if jax.process_count() > 1:
+    msg = f'[process {jax.process_index()}] {msg}'
+  print(msg, flush=True)
+
+
 
 def dataset_root(config, workdir: str) -> str:
   """The VOC root to read; generates the synthetic set when configured."""

@@ -34,7 +34,8 @@ from flaxseg.config import validate_config
 from flaxseg.data import pipeline, voc
 from flaxseg.train import distributed, parallel, step as step_lib
 from flaxseg.train.builders import (build_model, class_names, dataset_root,
-                                    initial_state, log, run_meta)
+                                    initial_state, log, log_every_process,
+                                    run_meta)
 from flaxseg.train.state import TrainState
 
 
@@ -114,7 +115,7 @@ def map_predict_step(config, dp: parallel.DataParallel,
 
 
 # -- the eval split -------------------------------------------------------------
-def eval_stream(config, records):
+def eval_stream(config, records, bad_examples=None):
   """This process's eval batches of ``records`` (whole images, padded)."""
   data = config.data
   pad = int(data.eval_pad_size)
@@ -122,7 +123,8 @@ def eval_stream(config, records):
       records, num_classes=data.num_classes,
       global_batch_size=data.eval_batch_size, pad_to=(pad, pad),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      mean=tuple(data.mean), std=tuple(data.std))
+      mean=tuple(data.mean), std=tuple(data.std),
+      on_bad_example=data.on_bad_example, bad_examples=bad_examples)
 
 
 def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
@@ -149,7 +151,8 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
   data = config.data
   if config.eval.num_images >= 0:
     records = records[:config.eval.num_images]
-  ds = eval_stream(config, records)
+  bad_examples = pipeline.BadExamples()
+  ds = eval_stream(config, records, bad_examples)
   cm = np.zeros((data.num_classes,) * 2, np.int64)
   cm_no_crf = np.zeros_like(cm)
   panels = []
@@ -169,8 +172,13 @@ def evaluate(config, dp: parallel.DataParallel, p_eval, dstate, records,
                                   data.std)
           panels.append((int(batch['index'][i]), viz.prediction_panel(
               image, batch['label'][i, :h, :w], pred[i, :h, :w])))
+  for message in bad_examples.take_new():
+    log_every_process(f'eval left out an example: {message}')
   scores = metrics_lib.segmentation_scores(cm, class_names(config))
   scores['confusion'] = cm
+  if config.data.on_bad_example == 'skip':
+    # This process's; with several processes each logs its own.
+    scores['skipped_examples'] = sorted(bad_examples.errors)
   if crf_settings(config) is not None:
     # The same images without the CRF: what the post-processing adds.
     scores['no_crf'] = metrics_lib.segmentation_scores(cm_no_crf,
@@ -247,6 +255,8 @@ def write_report(workdir: str, step: int, scores, config=None
     out['crf'] = scores['crf']
     out['no_crf'] = _json_scores(scores['no_crf'])
   out['step'] = step
+  if 'skipped_examples' in scores:
+    out['skipped_examples'] = scores['skipped_examples']
   if config is not None:
     out['inference'] = inference_record(config)
   path = os.path.join(workdir, f'eval_{step}.json')

@@ -45,7 +45,8 @@ from flaxseg.train import step as step_lib, warm_start
 # The builders and the eval entry point, importable from here as before.
 from flaxseg.train.builders import (build_model, class_names,  # noqa: F401
                                     dataset_root, ensure_synthetic,
-                                    initial_state, log, restore_latest,
+                                    initial_state, log, log_every_process,
+                                    restore_latest,
                                     run_meta, save_run_config)
 from flaxseg.train.evaluator import (crf_settings, eval_stream,  # noqa: F401
                                      evaluate_checkpoint, restore_for_eval)
@@ -91,6 +92,22 @@ def _preemption_flag():
       signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _saves_finished_on_error(ckpts):
+  """On an exception, lets checkpoint writes in flight (good ones: each was
+  checked before it started) finish before the error propagates, so a
+  crash or NaN never costs the checkpoint being written."""
+  try:
+    yield
+  except BaseException:
+    try:
+      ckpts.wait()
+      ckpts.close()
+    except Exception:  # pylint: disable=broad-except
+      pass   # the original error matters more
+    raise
+
+
 def _preempted(stop, step: int):
   """The signal's name if training must checkpoint and stop after ``step``.
 
@@ -104,7 +121,7 @@ def _preempted(stop, step: int):
   return stop['signal']
 
 
-def _train_stream(config, records, start_step: int):
+def _train_stream(config, records, start_step: int, bad_examples=None):
   data = config.data
   ds = pipeline.train_dataset(
       records, num_classes=data.num_classes,
@@ -113,7 +130,8 @@ def _train_stream(config, records, start_step: int):
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(), scale_range=tuple(data.scale_range),
       flip=data.flip, mean=tuple(data.mean), std=tuple(data.std),
-      num_parallel_calls=data.num_parallel_calls)
+      num_parallel_calls=data.num_parallel_calls,
+      on_bad_example=data.on_bad_example, bad_examples=bad_examples)
   return ds.as_numpy_iterator()
 
 
@@ -172,87 +190,97 @@ def _train_and_evaluate(config, workdir, stop):
   ckpts = Checkpoints(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save)
-  if ckpts.latest_step() is not None:
-    state = restore_latest(ckpts, state, config)
-    log(f'resumed from {ckpts.directory} at step {int(state.step)}')
-  else:
-    state = warm_start.warm_start(config, state, log)
-  start = int(state.step)
-  total = int(config.train.num_steps)
-  schedule = optim.learning_rate_schedule(config.optim, total)
-  meta = run_meta(config)
+  with _saves_finished_on_error(ckpts):
+    if ckpts.latest_step() is not None:
+      state = restore_latest(ckpts, state, config)
+      log(f'resumed from {ckpts.directory} at step {int(state.step)}')
+    else:
+      state = warm_start.warm_start(config, state, log)
+    start = int(state.step)
+    total = int(config.train.num_steps)
+    schedule = optim.learning_rate_schedule(config.optim, total)
+    meta = run_meta(config)
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
-  if start == 0:
-    writer.write_hparams({k: str(v) for k, v in
-                          _flatten(config.to_dict()).items()})
-  p_train = _map_train_step(config, dp)
-  p_eval = evaluator.map_eval_step(config, dp)
-  dstate = dp.put_state(state)
-  del state
-  batches = dp.prefetch(_train_stream(config, train_records, start),
-                        config.data.prefetch_to_device)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    if start == 0:
+      writer.write_hparams({k: str(v) for k, v in
+                            _flatten(config.to_dict()).items()})
+    p_train = _map_train_step(config, dp)
+    p_eval = evaluator.map_eval_step(config, dp)
+    dstate = dp.put_state(state)
+    del state
+    bad_examples = pipeline.BadExamples()
+    batches = dp.prefetch(_train_stream(config, train_records, start,
+                                        bad_examples),
+                          config.data.prefetch_to_device)
 
-  skips = _Skips(config.train)
+    skips = _Skips(config.train)
 
-  def save(step, pending):
-    skips.check(pending, step)
-    ckpts.save(step, dp.get_state(dstate).checkpoint_tree(),
-               dict(meta, step=step))
+    def save(step, pending):
+      skips.check(pending, step)
+      ckpts.save(step, dp.get_state(dstate).checkpoint_tree(),
+                 dict(meta, step=step))
 
-  pending, scores, last_loss = [], None, float('nan')
-  t0, t_step0 = time.time(), start
-  log(f'training {config.model.name} for {total} steps from step {start} on '
-      f'{dp.num_devices} device(s) ({config.parallel}), global batch '
-      f'{config.data.batch_size}, crop {config.data.crop_size}')
-  for step in range(start + 1, total + 1):
-    dstate, m = p_train(dstate, next(batches))
-    pending.append(m)
-    signalled = _preempted(stop, step)
-    if signalled is not None:
-      save(step, pending)
-      ckpts.wait()
-      ckpts.close()
-      writer.flush()
-      log(f'{signalled} at step {step}: checkpoint saved in '
-          f'{ckpts.directory}; run the same command again to resume')
-      return {'step': step, 'scores': None, 'train_loss': last_loss,
-              'preempted': signalled, 'skipped_steps': skips.steps}
-    if step % config.train.log_every_steps == 0 or step == total:
-      summary = skips.check(pending, step)
-      pending = []
-      now = time.time()
-      rate = (step - t_step0) / max(now - t0, 1e-9)
-      t0, t_step0 = now, step
-      summary['lr'] = float(schedule(step - 1))
-      summary['images_per_sec'] = rate * config.data.batch_size
-      last_loss = summary['loss']
-      writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
-      eta = (total - step) / max(rate, 1e-9)
-      log(f'step {step}/{total}  loss {summary["loss"]:.4f}  '
-          f'lr {summary["lr"]:.5f}  {summary["images_per_sec"]:.1f} img/s  '
-          f'ETA {eta / 60:.1f} min' + skips.note())
-    if step % config.checkpoint.every_steps == 0 and step != total:
-      save(step, pending)
-    if (config.eval.every_steps and step % config.eval.every_steps == 0
-        and step != total):
-      scores = evaluator.evaluate(config, dp, p_eval, dstate, eval_records,
-                                  step=step, workdir=workdir, writer=writer)
-      writer.write_scalars(step, evaluator.scalar_scores(scores))
-      log(f'eval at step {step}: {evaluator.eval_summary(scores)}')
-  if total > start:
-    save(total, pending)
-  scores = evaluator.evaluate(config, dp, p_eval, dstate, eval_records,
-                              step=total, workdir=workdir, writer=writer)
-  writer.write_scalars(total, evaluator.scalar_scores(scores))
-  evaluator.log_scores(scores)
-  evaluator.write_report(workdir, total, scores, config)
-  ckpts.wait()
-  ckpts.close()
-  writer.flush()
-  return {'step': total, 'scores': scores, 'train_loss': last_loss,
-          'preempted': None, 'skipped_steps': skips.steps}
+    pending, scores, last_loss = [], None, float('nan')
+    t0, t_step0 = time.time(), start
+    log(f'training {config.model.name} for {total} steps from step {start} on '
+        f'{dp.num_devices} device(s) ({config.parallel}), global batch '
+        f'{config.data.batch_size}, crop {config.data.crop_size}')
+    for step in range(start + 1, total + 1):
+      dstate, m = p_train(dstate, next(batches))
+      pending.append(m)
+      signalled = _preempted(stop, step)
+      if signalled is not None:
+        save(step, pending)
+        ckpts.wait()
+        ckpts.close()
+        writer.flush()
+        log(f'{signalled} at step {step}: checkpoint saved in '
+            f'{ckpts.directory}; run the same command again to resume')
+        return {'step': step, 'scores': None, 'train_loss': last_loss,
+                'preempted': signalled, 'skipped_steps': skips.steps,
+                'skipped_examples': sorted(bad_examples.errors)}
+      if step % config.train.log_every_steps == 0 or step == total:
+        summary = skips.check(pending, step)
+        pending = []
+        now = time.time()
+        rate = (step - t_step0) / max(now - t0, 1e-9)
+        t0, t_step0 = now, step
+        summary['lr'] = float(schedule(step - 1))
+        summary['images_per_sec'] = rate * config.data.batch_size
+        for message in bad_examples.take_new():
+          log_every_process(f'skipped a training example: {message}')
+        if config.data.on_bad_example == 'skip':
+          summary['skipped_examples'] = float(len(bad_examples))
+        last_loss = summary['loss']
+        writer.write_scalars(step, {f'train/{k}': v
+                                    for k, v in summary.items()})
+        eta = (total - step) / max(rate, 1e-9)
+        log(f'step {step}/{total}  loss {summary["loss"]:.4f}  '
+            f'lr {summary["lr"]:.5f}  {summary["images_per_sec"]:.1f} img/s  '
+            f'ETA {eta / 60:.1f} min' + skips.note())
+      if step % config.checkpoint.every_steps == 0 and step != total:
+        save(step, pending)
+      if (config.eval.every_steps and step % config.eval.every_steps == 0
+          and step != total):
+        scores = evaluator.evaluate(config, dp, p_eval, dstate, eval_records,
+                                    step=step, workdir=workdir, writer=writer)
+        writer.write_scalars(step, evaluator.scalar_scores(scores))
+        log(f'eval at step {step}: {evaluator.eval_summary(scores)}')
+    if total > start:
+      save(total, pending)
+    scores = evaluator.evaluate(config, dp, p_eval, dstate, eval_records,
+                                step=total, workdir=workdir, writer=writer)
+    writer.write_scalars(total, evaluator.scalar_scores(scores))
+    evaluator.log_scores(scores)
+    evaluator.write_report(workdir, total, scores, config)
+    ckpts.wait()
+    ckpts.close()
+    writer.flush()
+    return {'step': total, 'scores': scores, 'train_loss': last_loss,
+            'preempted': None, 'skipped_steps': skips.steps,
+            'skipped_examples': sorted(bad_examples.errors)}
 
 
 # -- helpers -------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The performance benchmarks run end to end at tiny sizes (figures untested).
 
-bench/vs_torchvision.py, bench/compile_memory.py and bench/pipeline.py are
-meant for full-size runs (BENCHMARKS.md); here each runs once on the smallest
-input that exercises every code path, and its JSON is checked for shape.
+bench/vs_torchvision.py, bench/compile_memory.py, bench/pipeline.py and
+bench/soak.py are meant for full-size runs (BENCHMARKS.md); here each runs
+once on the smallest input that exercises every code path, and its JSON is
+checked for shape.
 """
 
 import json
@@ -74,3 +75,18 @@ def test_profile_step_runs(tmp_path):
   assert 'aspp' in modules
   assert {g['pass'] for g in report['groups']} == {'fwd', 'bwd'}
   assert 'slowest non-matmul thunks' in stdout
+
+
+def test_soak_runs(tmp_path):
+  out = tmp_path / 'soak.json'
+  stdout = _run('soak.py', '--steps=12', '--kills=1', '--signals=KILL',
+                '--log_every=2', '--checkpoint_every=4', '--async_save=0',
+                '--sample_s=0.2', f'--workdir={tmp_path / "w"}', f'--out={out}')
+  result = json.loads(out.read_text())
+  assert 'final parameters identical: True' in stdout
+  assert result['final_parameters_identical'] is True
+  assert result['final_step'] == [12, 12]
+  (kill,) = result['kills']
+  assert kill['signal'] == 'SIGKILL' and kill['returncode'] == -9
+  assert 0 <= kill['steps_lost'] <= 4 and result['max_lost_beyond_interval'] == 0
+  assert result['memory']['rss_mb_peak'] > 0

@@ -250,3 +250,52 @@ def test_pad_with_mean_normalises_to_zero():
   assert image.shape == (8, 9, 3) and label.shape == (8, 9)
   assert np.abs(out[5:]).max() < 1e-6 and np.abs(out[:, 6:]).max() < 1e-6
   assert (label.numpy()[5:] == 255).all() and (label.numpy()[:5, :6] == 0).all()
+
+
+def _break(record):
+  with open(record.image_path, "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 truncated")
+
+
+def test_train_skips_bad_examples_deterministically(voc_copy):
+  records = voc.list_records(voc_copy, "train")
+  clean = _take(_train(records, seed=0), 4)
+  _break(records[3])
+  with pytest.raises(ValueError, match="on_bad_example"):
+    _train(records, on_bad_example="ignore")
+  runs = []
+  for _ in range(2):
+    bad = pipeline.BadExamples()
+    runs.append(_take(_train(records, seed=0, on_bad_example="skip",
+                             bad_examples=bad), 4))   # two epochs
+    assert list(bad.errors) == [records[3].id]
+    (message,) = bad.take_new()
+    assert records[3].image_path in message and bad.take_new() == []
+  _assert_batches_equal(runs[0], runs[1])     # same substitute every time
+  # Batches without record 3 are unchanged; the one with it differs.
+  order = pipeline.example_indices(len(records), 0, range(16))
+  for step in range(4):
+    rows = order[step * 4:(step + 1) * 4]
+    same = all(np.array_equal(runs[0][step][k], clean[step][k])
+               for k in clean[step])
+    assert same == (3 not in rows), (step, rows)
+
+
+def test_eval_skips_bad_examples_as_invalid(voc_copy):
+  records = voc.list_records(voc_copy, "val")
+  _break(records[1])
+  bad = pipeline.BadExamples()
+  ds = pipeline.eval_dataset(records, num_classes=NUM_CLASSES,
+                             global_batch_size=2, pad_to=(72, 80),
+                             on_bad_example="skip", bad_examples=bad)
+  batches = _take(ds, 100)
+  index = np.concatenate([b["index"] for b in batches])
+  valid = np.concatenate([b["valid"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert list(index) == list(range(len(records)))
+  assert list(valid) == [i != 1 for i in range(len(records))]
+  assert (labels[1] == 255).all()
+  assert list(bad.errors) == [records[1].id]
+  with pytest.raises(tf.errors.OpError, match="DatasetError"):
+    _take(pipeline.eval_dataset(records, num_classes=NUM_CLASSES,
+                                global_batch_size=2, pad_to=(72, 80)), 100)

@@ -230,6 +230,12 @@ def test_check_labels_and_rgb_mask():
   PIL.Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(buf, format="PNG")
   with pytest.raises(voc.DatasetError, match="x.png.*mode 'RGB'"):
     tfds_voc.decode_png_mask(buf.getvalue(), "x.png")
+  img = PIL.Image.fromarray(np.array([[0, 1], [2, 255]], np.uint8), "P")
+  img.putpalette(voc.voc_palette()[::-1].tobytes())   # not VOC's colours
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  with pytest.raises(voc.DatasetError, match="y.png uses a different palette"):
+    tfds_voc.decode_png_mask(buf.getvalue(), "y.png")
 
 
 def test_cli(tmp_path, capsys):

@@ -276,3 +276,28 @@ def test_corrupt_mat(tmp_path):
     f.write(b"\x00" * 200)
   with pytest.raises(voc.DatasetError, match=re.escape(path)):
     voc.read_label(path, NUM_CLASSES)
+
+
+def test_mask_with_another_palette_is_refused(voc_copy):
+  record = _record(voc_copy)
+  with Image.open(record.label_path) as img:
+    ids = np.asarray(img)
+  other = np.random.default_rng(0).integers(0, 256, (256, 3), np.uint8)
+  out = Image.fromarray(ids)
+  out.putpalette(other.tobytes())
+  out.save(record.label_path)
+  with pytest.raises(voc.DatasetError,
+                     match=re.escape(record.label_path) +
+                     ".*different palette from VOC's.*index"):
+    voc.load_example(record, NUM_CLASSES)
+
+
+def test_mask_with_greyscale_palette_is_ids(voc_copy):
+  record = _record(voc_copy)
+  with Image.open(record.label_path) as img:
+    ids = np.asarray(img).copy()
+  out = Image.fromarray(ids, "P")
+  out.putpalette(np.repeat(np.arange(256, dtype=np.uint8), 3).tobytes())
+  out.save(record.label_path)
+  np.testing.assert_array_equal(voc.read_label(record.label_path, NUM_CLASSES),
+                                ids)

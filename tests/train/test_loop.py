@@ -9,6 +9,8 @@ an unknown config key.
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 
 from flaxseg.checkpoint import CheckpointError, Checkpoints
+from flaxseg.data import voc
 from flaxseg.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -138,8 +141,8 @@ def _nan_at_step(monkeypatch, bad_step):
   """Makes the training batch of ``bad_step`` all NaN."""
   original = loop._train_stream
 
-  def stream(config, records, start_step):
-    for step, batch in enumerate(original(config, records, start_step),
+  def stream(config, records, start_step, *args):
+    for step, batch in enumerate(original(config, records, start_step, *args),
                                  start_step + 1):
       if step == bad_step:
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
@@ -206,6 +209,43 @@ def test_skip_limit_and_bad_mode():
   c.train.on_nonfinite = 'ignore'
   with pytest.raises(ValueError, match='config.train.on_nonfinite'):
     loop.train_and_evaluate(c, '/nonexistent/never/written')
+
+
+def _corrupted_copy(data_root, tmp_path):
+  """A copy of the tiny tree with the first train and val image truncated."""
+  root = os.path.dirname(os.path.dirname(data_root))
+  copy = str(tmp_path / 'corrupt')
+  shutil.copytree(root, copy)
+  voc_root = os.path.join(copy, 'VOCdevkit', 'VOC2012')
+  broken = {}
+  for split in ('train', 'val'):
+    record = voc.list_records(voc_root, split)[0]
+    with open(record.image_path, 'r+b') as f:
+      f.truncate(64)
+    broken[split] = record
+  return copy, broken
+
+
+def test_corrupt_image_stops_naming_it_or_is_skipped(full_run, data_root,
+                                                     tmp_path, capsys):
+  config, _, _ = full_run
+  config = config.copy_and_resolve_references()
+  config.data.root, broken = _corrupted_copy(data_root, tmp_path)
+  with pytest.raises(Exception, match=re.escape(broken['train'].image_path)):
+    loop.train_and_evaluate(config, str(tmp_path / 'raise'))
+  config.data.on_bad_example = 'skip'
+  workdir = str(tmp_path / 'skip')
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['step'] == config.train.num_steps
+  assert result['skipped_examples'] == [broken['train'].id]
+  assert result['scores']['skipped_examples'] == [broken['val'].id]
+  out = capsys.readouterr().out
+  assert f"skipped a training example: cannot decode image " \
+      f"{broken['train'].image_path!r}" in out
+  assert f"eval left out an example: cannot decode image " \
+      f"{broken['val'].image_path!r}" in out
+  with open(os.path.join(workdir, f'eval_{config.train.num_steps}.json')) as f:
+    assert json.load(f)['skipped_examples'] == [broken['val'].id]
 
 
 def test_checkpoint_of_other_model_is_refused(full_run, tmp_path):
