@@ -16,9 +16,9 @@ Runs ``train.py`` twice on the same config and data, one step after another:
 It reports, per kill, the last step logged before the kill, the step the
 restart resumed from and the steps lost (logged - resumed, or 0 when the
 restart resumed past the last logged step: at least this many were redone); whether the final parameters and BatchNorm statistics of
-the two runs are bit-identical; and memory over the uninterrupted run
-(quartiles of the run's duration, and growth from the first quarter to the
-end). Prints a table; ``--out`` writes the figures as JSON.
+the two runs are bit-identical; and the uninterrupted run's memory while
+it trains (RSS when 10%, 50%, 90% and 100% of the steps were logged, and the
+growth from 10% and from 50% to the end). Prints a table; ``--out`` writes the figures as JSON.
 
 With asynchronous checkpoints (the trainer's default) a SIGKILL that lands
 while the newest checkpoint is still being written falls back to the one
@@ -62,11 +62,10 @@ class _Sampler(threading.Thread):
     self.proc, self.every, self.samples = proc, every, []
 
   def run(self):
-    t0 = time.perf_counter()
     while self.proc.poll() is None:
       rss = _rss_mb(self.proc.pid)
       if rss is not None:
-        self.samples.append((time.perf_counter() - t0, rss))
+        self.samples.append((time.perf_counter(), rss))
       time.sleep(self.every)
 
 
@@ -88,14 +87,19 @@ _STEP = re.compile(r'^step (\d+)/')
 _RESUMED = re.compile(r'^resumed from .* at step (\d+)')
 
 
-def _follow(proc, until_step=None):
-  """Reads output; returns (last logged step, resumed step, text)."""
+def _follow(proc, until_step=None, times=None):
+  """Reads output; returns (last logged step, resumed step, text).
+
+  ``times``, if given, gets ``(perf_counter, step)`` for each logged step.
+  """
   last, resumed, lines = 0, 0, []
   for line in proc.stdout:
     lines.append(line)
     m = _STEP.match(line)
     if m:
       last = int(m.group(1))
+      if times is not None:
+        times.append((time.perf_counter(), last))
       if until_step is not None and last >= until_step:
         break
     m = _RESUMED.match(line)
@@ -150,7 +154,8 @@ def main():
   proc = _launch(args, os.path.join(base, 'whole'), data_root)
   sampler = _Sampler(proc, args.sample_s)
   sampler.start()
-  _, _, text = _follow(proc)
+  step_times = []
+  _, _, text = _follow(proc, times=step_times)
   proc.wait()
   sampler.join()
   whole_s = time.perf_counter() - t0
@@ -192,16 +197,21 @@ def main():
   killed, meta_k = _variables(workdir)
   same, worst = _identical(whole, killed)
 
-  samples = sampler.samples
-  memory = {}
-  if samples:
-    end = samples[-1][0]
-    for q in (0.25, 0.5, 0.75, 1.0):
-      memory[f'rss_mb_at_{int(q * 100)}pct'] = round(
-          [r for t, r in samples if t <= q * end][-1], 1)
+  # Memory while training: RSS when 10%, 50%, 90% and all of the steps had
+  # been logged (start-up, compilation and the final eval left out).
+  samples, memory = sampler.samples, {}
+  if samples and step_times:
+    def rss_at(fraction):
+      t = next(t for t, k in step_times if k >= fraction * args.steps)
+      return round(min(samples, key=lambda s: abs(s[0] - t))[1], 1)
+    for q in (0.1, 0.5, 0.9, 1.0):
+      memory[f'rss_mb_at_step_{int(q * args.steps)}'] = rss_at(q)
     memory['rss_mb_peak'] = round(max(r for _, r in samples), 1)
-    memory['growth_mb_25pct_to_end'] = round(
-        memory['rss_mb_at_100pct'] - memory['rss_mb_at_25pct'], 1)
+    memory['growth_mb_10pct_to_end'] = round(rss_at(1.0) - rss_at(0.1), 1)
+    memory['growth_mb_50pct_to_end'] = round(rss_at(1.0) - rss_at(0.5), 1)
+    train_s = step_times[-1][0] - step_times[0][0]
+    steps = step_times[-1][1] - step_times[0][1]
+    memory['steps_per_s'] = round(steps / max(train_s, 1e-9), 1)
   lost = {}
   for k in kills:
     lost.setdefault(k['signal'], []).append(k['steps_lost'])
@@ -229,10 +239,13 @@ def main():
         f'{result["max_lost_beyond_interval"]}')
   print(f'final parameters identical: {same} (max |diff| {worst:g})')
   if memory:
-    print('RSS (MB) over the uninterrupted run: ' + ', '.join(
-        f'{k[len("rss_mb_at_"):]}: {v}' for k, v in memory.items()
-        if k.startswith('rss_mb_at_')) +
-          f'; growth from 25% to end {memory["growth_mb_25pct_to_end"]} MB')
+    print('RSS (MB) of the uninterrupted run at ' + ', '.join(
+        f'{k[len("rss_mb_at_"):].replace("_", " ")}: {v}'
+        for k, v in memory.items() if k.startswith('rss_mb_at_')) +
+          f'; growth from 10% / 50% of the steps to the end '
+          f'{memory["growth_mb_10pct_to_end"]} / '
+          f'{memory["growth_mb_50pct_to_end"]} MB '
+          f'({memory["steps_per_s"]} steps/s)')
   print(f'uninterrupted {whole_s:.0f} s, killed + restarted {killed_s:.0f} s')
   if args.out:
     with open(args.out, 'w') as f:

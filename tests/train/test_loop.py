@@ -36,6 +36,15 @@ def tiny_config():
   return deeplabv3.get_config('tiny')
 
 
+def tiny_data(tmp_path_factory, name):
+  """Generates the tiny config's synthetic tree; returns its root (what
+  ``--config.data.root`` takes), for runs of ``train.py`` in subprocesses."""
+  root = str(tmp_path_factory.mktemp(name) / 'voc')
+  c = tiny_config()
+  loop.ensure_synthetic(root, c.data.synthetic.to_dict(), c.seed)
+  return root
+
+
 def final_tree(workdir, config):
   """The arrays of the newest checkpoint of ``workdir``."""
   state = loop.initial_state(config, loop.build_model(config))

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxseg.train import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_loop import ROOT, final_tree, tiny_config  # noqa: E402
+from test_loop import (ROOT, final_tree, tiny_config,  # noqa: E402
+                       tiny_data)
 
 NUM_STEPS = 6
 
@@ -63,10 +63,7 @@ def _finish(proc, timeout=600):
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('mh_data') / 'voc')
-  c = tiny_config()
-  loop.ensure_synthetic(root, c.data.synthetic.to_dict(), c.seed)
-  return root
+  return tiny_data(tmp_path_factory, 'mh_data')
 
 
 def _preempt_process_1(procs):
