@@ -306,9 +306,9 @@ class _Skips:
   def check(self, pending, step: int) -> Dict[str, float]:
     if not pending:
       return {}
-    host = jax.device_get(pending)
-    host = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
-            for m in host]
+    # Replicated metrics: one local shard each (no cross-process step).
+    host = [{k: float(parallel.host_local(v).reshape(-1)[0])
+             for k, v in m.items()} for m in pending]
     good = []
     for offset, m in enumerate(host):
       if m['finite'] >= 1.0:

@@ -96,10 +96,16 @@ class DataParallel:
                           NamedSharding(self.mesh, P()))
 
   def get_state(self, state):
-    """The device state as one host copy (first replica)."""
+    """The device state as one host copy (this process's first replica).
+
+    Read from a local shard only: with several processes, indexing or
+    ``device_get`` of a global array is a computation every process must
+    run in the same order, and Orbax's background saves run collectives of
+    their own, so the two could interleave differently and deadlock.
+    """
     if self.mode == 'pmap':
-      return jax.device_get(jax.tree.map(lambda x: x[0], state))
-    return jax.device_get(state)
+      return jax.tree.map(lambda x: host_local(x)[0], state)
+    return jax.tree.map(host_local, state)
 
   # -- batches --------------------------------------------------------------
   def put_batch(self, batch: Dict[str, np.ndarray]):
@@ -168,20 +174,28 @@ class DataParallel:
     process's rows (all rows with one process), in the order of the batch
     it fed to ``put_batch``.
     """
-    if self.mode == 'shard_map' and kind == SHARDED:
-      return jax.tree.map(_local_rows, value)
-    value = jax.device_get(value)
+    # Local shards only (see get_state).
+    if kind == SHARDED:
+      rows = jax.tree.map(_local_rows, value)
+      if self.mode == 'pmap':   # [local devices, per device, ...]
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+      return rows
     if self.mode == 'pmap':
-      if kind == REPLICATED:
-        return jax.tree.map(lambda x: np.asarray(x[0]), value)
-      return jax.tree.map(
-          lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), value)
-    return jax.tree.map(np.asarray, value)
+      return jax.tree.map(lambda x: host_local(x)[0], value)
+    return jax.tree.map(host_local, value)
+
+
+def host_local(x) -> np.ndarray:
+  """A host copy of one local shard of ``x`` (all of a replicated value;
+  ``[1, ...]`` of a pmap-stacked one), without any cross-process step."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  return np.asarray(x.addressable_shards[0].data)
 
 
 def _local_rows(x) -> np.ndarray:
-  """The rows of a batch-sharded global array held by this process."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
+  """The rows of a batch-sharded array held by this process, in order."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
   return np.concatenate([np.asarray(s.data) for s in shards])
