@@ -29,11 +29,13 @@ import numpy as np
 import optax
 
 
-def build(name, batch, crop, remat):
+def build(name, batch, crop, remat, conv_impl=None):
   from flaxseg import models  # pylint: disable=g-import-not-at-top
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
   kwargs = {'remat': True} if remat else {}
+  if conv_impl is not None:
+    kwargs['conv_impl'] = conv_impl
   model = models.create_model(name, num_classes=21, **kwargs)
   state = state_lib.create_train_state(model, optax.sgd(0.01, 0.9),
                                        jax.random.key(0), (1, crop, crop, 3))

@@ -26,9 +26,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
 _NOISE = ('jit', 'dot', 'reduce', 'add', 'mul', 'sub', 'max', 'select',
           'conv', 'slice', 'concat', 'pad', 'integer_pow', 'div', 'exp')
@@ -44,22 +41,12 @@ def _group(op_name):
 
 
 def profile(model_name, batch, crop, conv_impl, trace_dir):
-  from flaxseg import models  # pylint: disable=g-import-not-at-top
-  from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  kwargs = {} if conv_impl is None else {'conv_impl': conv_impl}
-  model = models.create_model(model_name, num_classes=21, **kwargs)
-  state = state_lib.create_train_state(model, optax.sgd(0.01, 0.9),
-                                       jax.random.key(0), (1, crop, crop, 3))
-  rng = np.random.default_rng(0)
-  data = {'image': jnp.asarray(rng.normal(size=(batch, crop, crop, 3)),
-                               jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 21, (batch, crop, crop)),
-                               jnp.int32)}
-  compiled = jax.jit(
-      lambda s, b: step_lib.train_step(s, b, axis_name=None),
-      donate_argnums=0).lower(state, data).compile()
+  # The training-step setup of the sibling script (bench/ is on sys.path).
+  from compile_memory import build  # pylint: disable=g-import-not-at-top
+  state, data, step = build(model_name, batch, crop, remat=False,
+                            conv_impl=conv_impl)
+  compiled = step.lower(state, data).compile()
   state, m = compiled(state, data)
   jax.block_until_ready(m)
   with jax.profiler.trace(trace_dir):
