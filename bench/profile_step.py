@@ -88,7 +88,8 @@ def main():
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--crop', type=int, default=321)
   parser.add_argument('--conv_impl', default='',
-                      help="'xla', 'matmul' or 'auto' (default: the model's)")
+                      help="'xla', 'matmul', 'taps' or 'auto' (default: the "
+                      "model's)")
   parser.add_argument('--top', type=int, default=20)
   parser.add_argument('--json', default='')
   args = parser.parse_args()

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flaxseg.models.layers import CONV_IMPLS
+
 TV = {'deeplabv3_resnet50_tv': 'deeplabv3_resnet50',
       'deeplabv3_resnet101_tv': 'deeplabv3_resnet101',
       'fcn_resnet50_tv': 'fcn_resnet50', 'fcn_resnet101_tv': 'fcn_resnet101'}
@@ -202,11 +204,11 @@ def main():
   parser.add_argument('--conv_impl', default='auto',
                       help="flaxseg convolution implementations to time, "
                       "comma-separated: auto (matmul on CPU, XLA's "
-                      "elsewhere), xla, matmul")
+                      "elsewhere), xla, matmul, taps (layers.CONV_IMPLS)")
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   impls = [i for i in args.conv_impl.split(',') if i]
-  bad = sorted(set(impls) - {'auto', 'xla', 'matmul'})
+  bad = sorted(set(impls) - set(CONV_IMPLS))
   if bad:
     parser.error(f'unknown --conv_impl {bad}')
   import torch  # pylint: disable=g-import-not-at-top

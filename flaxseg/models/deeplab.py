@@ -73,7 +73,7 @@ class DeepLabV3(nn.Module):
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of the final bilinear upsampling.
     remat: rematerialise the backbone's residual blocks in the backward pass.
-    conv_impl: convolution implementation, 'xla', 'matmul' or 'auto'
+    conv_impl: convolution implementation, 'xla', 'matmul', 'taps' or 'auto'
       (`layers.conv_module`); the parameters are the same.
   """
   num_classes: int
@@ -201,7 +201,9 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (True: TF DeepLab).
     remat: rematerialise the backbone's residual blocks (memory).
-    conv_impl: 'xla', 'matmul' (im2col + matmul) or 'auto' (matmul on CPU).
+    conv_impl: 'xla', 'matmul' (`MatmulConv`: per-tap matmuls, XLA's
+      convolution where that is faster), 'taps' (per-tap matmuls only) or
+      'auto' (matmul on CPU).
 
   Returns:
     A `DeepLabV3` module.
@@ -225,7 +227,9 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
     remat: rematerialise the backbone's residual blocks (memory).
-    conv_impl: 'xla', 'matmul' (im2col + matmul) or 'auto' (matmul on CPU).
+    conv_impl: 'xla', 'matmul' (`MatmulConv`: per-tap matmuls, XLA's
+      convolution where that is faster), 'taps' (per-tap matmuls only) or
+      'auto' (matmul on CPU).
 
   Returns:
     A `DeepLabV3` module.

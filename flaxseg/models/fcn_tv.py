@@ -88,7 +88,7 @@ class FCNResNet(nn.Module):
     frozen_bn: use `FrozenBatchNorm` for every BatchNorm of the model.
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of the final bilinear upsampling.
-    conv_impl: convolution implementation, 'xla', 'matmul' or 'auto'
+    conv_impl: convolution implementation, 'xla', 'matmul', 'taps' or 'auto'
       (`layers.conv_module`); the parameters are the same.
   """
   num_classes: int
@@ -186,7 +186,7 @@ _DOC = """torchvision's ``fcn_resnet{depth}`` (same parameters).
     dropout: dropout rate of the main head (torchvision 0.1).
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
-    conv_impl: 'xla', 'matmul' (per-tap matmuls) or 'auto' (matmul on CPU).
+    conv_impl: 'xla', 'matmul', 'taps' or 'auto' (`layers.CONV_IMPLS`).
 
   Returns:
     An `FCNResNet` module.

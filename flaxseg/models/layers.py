@@ -294,9 +294,11 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
                            use_fast_variance=False)
 
 
-#: ``conv_impl`` values: XLA's convolution, the im2col matmul, or 'auto'
-#: (matmul on CPU, where XLA's convolutions are slow, XLA's elsewhere).
-CONV_IMPLS = ('auto', 'xla', 'matmul')
+#: ``conv_impl`` values: XLA's convolution; `MatmulConv` (per-tap matmuls,
+#: XLA's convolution for the dense, narrow stride-1 ones where it is faster);
+#: `MatmulConv` with taps everywhere but the stem; or 'auto' (matmul on CPU,
+#: where XLA's convolutions are slow, XLA's elsewhere).
+CONV_IMPLS = ('auto', 'xla', 'matmul', 'taps')
 
 
 def _pairs(value, n: int, name: str):
@@ -312,6 +314,10 @@ def _pairs(value, n: int, name: str):
 
 #: Below this many input channels `MatmulConv` calls XLA's convolution.
 MATMUL_MIN_CHANNELS = 16
+#: `MatmulConv` hands a stride-1 convolution whose taps reach at least this
+#: fraction of a dense convolution's products (and whose channels are at most
+#: its ``xla_max_channels``) to XLA's convolution.
+XLA_MIN_TAP_DENSITY = 0.7
 
 
 def _valid_outputs(offset: int, size_in: int, size_out: int, stride: int):
@@ -338,7 +344,13 @@ class MatmulConv(nn.Module):
   backward pass is matmuls and slice/pad adds as well. A 1x1 convolution is
   one matmul. Inputs with fewer than `MATMUL_MIN_CHANNELS` channels (an RGB
   stem) go to XLA's convolution, which is faster there, and so do inputs of
-  symbolic size (`jax.export` with polymorphic shapes).
+  symbolic size (`jax.export` with polymorphic shapes). So do dense stride-1
+  convolutions (taps reaching at least `XLA_MIN_TAP_DENSITY` of the dense
+  products) with at most ``xla_max_channels`` input and output channels:
+  on XLA:CPU its convolution beats the taps there (ResNet layer1-3's 3x3 at
+  rates 1-2, 64-256 channels: 1.2-2x, forward and backward), while the taps
+  win on wider (layer4's 512 channels), strided or sparse (ASPP) ones; see
+  BENCHMARKS.md.
 
   Attributes:
     features: output channels.
@@ -351,6 +363,8 @@ class MatmulConv(nn.Module):
     param_dtype: parameter dtype.
     precision: `jax.lax.Precision` of the matmuls.
     kernel_init, bias_init: initialisers (those of `nn.Conv` by default).
+    xla_max_channels: widest dense stride-1 convolution handed to XLA's
+      convolution (0: always taps, except the stem and symbolic sizes).
   """
   features: int
   kernel_size: Sequence[int]
@@ -363,6 +377,13 @@ class MatmulConv(nn.Module):
   precision: Any = None
   kernel_init: Callable = nn.linear.default_kernel_init
   bias_init: Callable = nn.initializers.zeros_init()
+  xla_max_channels: int = 256
+
+  def _xla_conv(self, x, kernel, bias, strides, padding, dilation):
+    y = jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+    return y if bias is None else y + bias
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -388,11 +409,7 @@ class MatmulConv(nn.Module):
       # export): the taps' extents cannot be computed, XLA's can.
       if not isinstance(padding, str):
         padding = [tuple(int(v) for v in p) for p in padding]
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (sh, sw), padding, rhs_dilation=(dh, dw),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          precision=self.precision)
-      return y if bias is None else y + bias
+      return self._xla_conv(x, kernel, bias, (sh, sw), padding, (dh, dw))
     if isinstance(padding, str):
       padding = jax.lax.padtype_to_pads(
           (h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding)
@@ -403,6 +420,14 @@ class MatmulConv(nn.Module):
       raise ValueError(f'MatmulConv: input {(h, w)} padded by {padding} is '
                        f'smaller than the dilated kernel {(kh, kw)} x '
                        f'{(dh, dw)}')
+    if (kh * kw > 1 and (sh, sw) == (1, 1) and
+        max(cin, self.features) <= self.xla_max_channels and
+        _tap_density(kh, kw, dh, dw, pt, pl, h, w, out_h, out_w) >=
+        XLA_MIN_TAP_DENSITY):
+      # Dense, narrow, stride 1 (ResNet layer1-3's 3x3 at small rates): XLA's
+      # convolution is faster there, forward and backward.
+      return self._xla_conv(x, kernel, bias, (1, 1), ((pt, pb), (pl, pr)),
+                            (dh, dw))
     # Taps are summed in float32 (in bfloat16 too), as a convolution
     # accumulates internally.
     acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -435,8 +460,19 @@ class MatmulConv(nn.Module):
     return y if bias is None else y + bias
 
 
+def _tap_density(kh, kw, dh, dw, pt, pl, h, w, out_h, out_w):
+  """Fraction of a stride-1 convolution's products that touch real pixels."""
+  valid = 0
+  for a in range(kh):
+    i0, i1 = _valid_outputs(a * dh - pt, h, out_h, 1)
+    for b in range(kw):
+      j0, j1 = _valid_outputs(b * dw - pl, w, out_w, 1)
+      valid += max(i1 - i0, 0) * max(j1 - j0, 0)
+  return valid / (kh * kw * out_h * out_w)
+
+
 def resolve_conv_impl(conv_impl: str) -> str:
-  """'xla' or 'matmul' for ``conv_impl`` on the default backend."""
+  """'xla', 'matmul' or 'taps' for ``conv_impl`` on the default backend."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={conv_impl!r}; expected one of {CONV_IMPLS}')
   if conv_impl == 'auto':
@@ -446,4 +482,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 def conv_module(conv_impl: str = 'xla') -> ModuleDef:
   """`nn.Conv` or `MatmulConv` (same parameters) for ``conv_impl``."""
-  return MatmulConv if resolve_conv_impl(conv_impl) == 'matmul' else nn.Conv
+  impl = resolve_conv_impl(conv_impl)
+  if impl == 'taps':
+    return functools.partial(MatmulConv, xla_max_channels=0)
+  return MatmulConv if impl == 'matmul' else nn.Conv

@@ -209,7 +209,7 @@ class ResNet(nn.Module):
     remat: recompute each residual block's activations in the backward pass
       (``nn.remat``) instead of keeping them: less memory, one more forward.
       Parameter names do not change.
-    conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, im2col + matmul,
+    conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, per-tap matmuls,
       faster on XLA:CPU) or 'auto' (matmul on CPU only); same parameters.
   """
   depth: int = 50

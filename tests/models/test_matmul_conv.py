@@ -32,14 +32,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize('xla_max_channels', [0, 256])
 @pytest.mark.parametrize('kernel,strides,dilation,padding,cin,cout,size',
                          CASES)
 def test_matmul_conv_equals_nn_conv(kernel, strides, dilation, padding, cin,
-                                    cout, size):
+                                    cout, size, xla_max_channels):
+  # xla_max_channels=0: every case (but the 3-channel stem) as taps; 256: the
+  # dense stride-1 ones go to XLA's convolution.
   use_bias = cin == 16
   args = dict(features=cout, kernel_size=kernel, strides=strides,
               padding=padding, kernel_dilation=dilation, use_bias=use_bias)
-  ref, mm = nn.Conv(**args), layers.MatmulConv(**args)
+  ref = nn.Conv(**args)
+  mm = layers.MatmulConv(**args, xla_max_channels=xla_max_channels)
   x = jax.random.normal(KEY, (2,) + size + (cin,))
   v = ref.init(KEY, x)
   if use_bias:
@@ -110,8 +114,10 @@ def test_resolve_conv_impl():
   assert layers.resolve_conv_impl('matmul') == 'matmul'
   expected = 'matmul' if jax.default_backend() == 'cpu' else 'xla'
   assert layers.resolve_conv_impl('auto') == expected
+  assert layers.resolve_conv_impl('taps') == 'taps'
   assert layers.conv_module('xla') is nn.Conv
   assert layers.conv_module('matmul') is layers.MatmulConv
+  assert layers.conv_module('taps')(4, (3, 3)).xla_max_channels == 0
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     models.create_model('deeplabv3_resnet50_tv', num_classes=3,
                         conv_impl='cudnn')
@@ -120,10 +126,10 @@ def test_resolve_conv_impl():
 @pytest.mark.parametrize('name', ['deeplabv3_resnet50_tv', 'deeplabv3_resnet101',
                                   'fcn_resnet50_tv'])
 def test_conv_impl_reaches_every_convolution(name):
-  # With 'matmul' the only XLA convolution left is the RGB stem's.
+  # With 'taps' the only XLA convolution left is the RGB stem's.
   x = jnp.zeros((1, 33, 33, 3))
   counts = []
-  for impl in ('xla', 'matmul'):
+  for impl in ('xla', 'taps'):
     model = models.create_model(name, num_classes=3, base_width=16,
                                 conv_impl=impl)
     variables = jax.eval_shape(model.init, KEY, x)
@@ -131,6 +137,26 @@ def test_conv_impl_reaches_every_convolution(name):
         lambda v, x, model=model: model.apply(v, x)[0])(variables, x))
     counts.append(jaxpr.count('conv_general_dilated['))
   assert counts[0] > 50 and counts[1] == 1
+
+
+def test_matmul_hands_dense_narrow_convolutions_to_xla():
+  # Full-width DeepLab v3-R50 at a 321 crop (output stride 8): 'matmul'
+  # leaves to XLA's convolution the stem and the dense stride-1 3x3 with at
+  # most 256 channels: layer1's 3 (64, rate 1 on 81x81), layer2's last 3
+  # (128, 41x41), layer3's 6 (256, rate 2) and the head's 3x3 (256 after
+  # ASPP). Taps: layer2's strided first,
+  # layer4's (512 channels), ASPP's (rates 12-36, 2048 in) and every 1x1.
+  model = models.create_model('deeplabv3_resnet50_tv', num_classes=21,
+                              conv_impl='matmul')
+  x = jax.ShapeDtypeStruct((1, 321, 321, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, KEY, x)
+  jaxpr = str(jax.make_jaxpr(model.apply)(variables, x))
+  assert jaxpr.count('conv_general_dilated[') == 1 + 3 + 3 + 6 + 1
+  # On a 41x41 map a rate-12 3x3 reaches 65% of the dense products: taps.
+  assert layers._tap_density(3, 3, 12, 12, 12, 12, 41, 41, 41,
+                             41) < layers.XLA_MIN_TAP_DENSITY
+  assert layers._tap_density(3, 3, 2, 2, 2, 2, 41, 41, 41,
+                             41) > layers.XLA_MIN_TAP_DENSITY
 
 
 def test_models_compute_the_same_with_either_conv_impl():
@@ -158,19 +184,22 @@ def test_models_compute_the_same_with_either_conv_impl():
 
   with jax.enable_x64(True):
     v0, (l0, g0) = run('xla', 'float32')
-    v1, (l1, g1) = run('matmul', 'float32')
     _, (l64, g64) = run('xla', 'float64')
-  # Same names and shapes, same initial values.
-  assert jax.tree.structure(v0) == jax.tree.structure(v1)
-  for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(l0, l1, rtol=1e-5)
-  # Gradients: in float32 the tiny model's BatchNorm chains amplify round-off
-  # (both implementations are up to ~1e-3 of a leaf's scale from float64), so
-  # the matmul form is held to the float64 reference: no further from it than
-  # 3x XLA's own distance (measured: at most 2.1x).
-  for ref, a, b in zip(jax.tree.leaves(g64), jax.tree.leaves(g0),
-                       jax.tree.leaves(g1)):
-    err_xla = float(jnp.max(jnp.abs(a - ref)))
-    err_mm = float(jnp.max(jnp.abs(b - ref)))
-    assert err_mm <= 3 * err_xla + 1e-6 * float(jnp.max(jnp.abs(ref)))
+    # 'matmul' hands this narrow model's dense 3x3 to XLA; 'taps' does not.
+    for impl in ('matmul', 'taps'):
+      v1, (l1, g1) = run(impl, 'float32')
+      # Same names and shapes, same initial values.
+      assert jax.tree.structure(v0) == jax.tree.structure(v1)
+      for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
+        np.testing.assert_array_equal(a, b)
+      np.testing.assert_allclose(l0, l1, rtol=1e-5)
+      # Gradients: in float32 the tiny model's BatchNorm chains amplify
+      # round-off (both implementations are up to ~1e-3 of a leaf's scale
+      # from float64), so the matmul form is held to the float64 reference:
+      # no further from it than 3x XLA's own distance (measured: at most
+      # 2.1x).
+      for ref, a, b in zip(jax.tree.leaves(g64), jax.tree.leaves(g0),
+                           jax.tree.leaves(g1)):
+        err_xla = float(jnp.max(jnp.abs(a - ref)))
+        err_mm = float(jnp.max(jnp.abs(b - ref)))
+        assert err_mm <= 3 * err_xla + 1e-6 * float(jnp.max(jnp.abs(ref)))
