@@ -420,10 +420,10 @@ class MatmulConv(nn.Module):
       raise ValueError(f'MatmulConv: input {(h, w)} padded by {padding} is '
                        f'smaller than the dilated kernel {(kh, kw)} x '
                        f'{(dh, dw)}')
+    reach = _tap_reach(kh, kw, dh, dw, sh, sw, pt, pl, h, w, out_h, out_w)
     if (kh * kw > 1 and (sh, sw) == (1, 1) and
         max(cin, self.features) <= self.xla_max_channels and
-        _tap_density(kh, kw, dh, dw, pt, pl, h, w, out_h, out_w) >=
-        XLA_MIN_TAP_DENSITY):
+        _tap_density(reach, kh, kw, out_h, out_w) >= XLA_MIN_TAP_DENSITY):
       # Dense, narrow, stride 1 (ResNet layer1-3's 3x3 at small rates): XLA's
       # convolution is faster there, forward and backward.
       return self._xla_conv(x, kernel, bias, (1, 1), ((pt, pb), (pl, pr)),
@@ -436,38 +436,43 @@ class MatmulConv(nn.Module):
     taps = [t.reshape(cin, self.features) for t in jnp.split(
         kernel.reshape(kh * kw, cin, self.features), kh * kw, axis=0)]
     y = None
-    for a in range(kh):
-      oa = a * dh - pt
-      i0, i1 = _valid_outputs(oa, h, out_h, sh)
-      for b in range(kw):
-        ob = b * dw - pl
-        j0, j1 = _valid_outputs(ob, w, out_w, sw)
-        if i1 <= i0 or j1 <= j0:
-          continue          # the tap only ever sees padding
-        xs = jax.lax.slice(
-            x, (0, i0 * sh + oa, j0 * sw + ob, 0),
-            (n, (i1 - 1) * sh + oa + 1, (j1 - 1) * sw + ob + 1, cin),
-            (1, sh, sw, 1))
-        z = jax.lax.dot_general(xs, taps[a * kw + b], (((3,), (0,)), ((), ())),
-                                precision=self.precision,
-                                preferred_element_type=acc)
-        if (i0, i1, j0, j1) != (0, out_h, 0, out_w):
-          z = jnp.pad(z, ((0, 0), (i0, out_h - i1), (j0, out_w - j1), (0, 0)))
-        y = z if y is None else y + z
+    for a, b, i0, i1, j0, j1 in reach:
+      oa, ob = a * dh - pt, b * dw - pl
+      xs = jax.lax.slice(
+          x, (0, i0 * sh + oa, j0 * sw + ob, 0),
+          (n, (i1 - 1) * sh + oa + 1, (j1 - 1) * sw + ob + 1, cin),
+          (1, sh, sw, 1))
+      z = jax.lax.dot_general(xs, taps[a * kw + b], (((3,), (0,)), ((), ())),
+                              precision=self.precision,
+                              preferred_element_type=acc)
+      if (i0, i1, j0, j1) != (0, out_h, 0, out_w):
+        z = jnp.pad(z, ((0, 0), (i0, out_h - i1), (j0, out_w - j1), (0, 0)))
+      y = z if y is None else y + z
     if y is None:        # every tap in the padding: the output is zero
       y = jnp.zeros((n, out_h, out_w, self.features), acc)
     y = y.astype(x.dtype)
     return y if bias is None else y + bias
 
 
-def _tap_density(kh, kw, dh, dw, pt, pl, h, w, out_h, out_w):
-  """Fraction of a stride-1 convolution's products that touch real pixels."""
-  valid = 0
+def _tap_reach(kh, kw, dh, dw, sh, sw, pt, pl, h, w, out_h, out_w):
+  """``(a, b, i0, i1, j0, j1)`` for each tap that reaches a pixel.
+
+  Tap ``(a, b)`` reads input pixels for outputs ``[i0, i1) x [j0, j1)``;
+  taps that only ever see padding are left out.
+  """
+  reach = []
   for a in range(kh):
-    i0, i1 = _valid_outputs(a * dh - pt, h, out_h, 1)
+    i0, i1 = _valid_outputs(a * dh - pt, h, out_h, sh)
     for b in range(kw):
-      j0, j1 = _valid_outputs(b * dw - pl, w, out_w, 1)
-      valid += max(i1 - i0, 0) * max(j1 - j0, 0)
+      j0, j1 = _valid_outputs(b * dw - pl, w, out_w, sw)
+      if i1 > i0 and j1 > j0:
+        reach.append((a, b, i0, i1, j0, j1))
+  return reach
+
+
+def _tap_density(reach, kh, kw, out_h, out_w):
+  """Fraction of a dense convolution's products that touch real pixels."""
+  valid = sum((i1 - i0) * (j1 - j0) for _, _, i0, i1, j0, j1 in reach)
   return valid / (kh * kw * out_h * out_w)
 
 

@@ -210,7 +210,8 @@ class ResNet(nn.Module):
       (``nn.remat``) instead of keeping them: less memory, one more forward.
       Parameter names do not change.
     conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, per-tap matmuls,
-      faster on XLA:CPU) or 'auto' (matmul on CPU only); same parameters.
+      faster on XLA:CPU), 'taps' (per-tap matmuls only) or 'auto' (matmul on
+      CPU only); same parameters.
   """
   depth: int = 50
   base_width: int = 64

@@ -146,8 +146,8 @@ def test_matmul_hands_dense_narrow_convolutions_to_xla():
   # leaves to XLA's convolution the stem and the dense stride-1 3x3 with at
   # most 256 channels: layer1's 3 (64, rate 1 on 81x81), layer2's last 3
   # (128, 41x41), layer3's 6 (256, rate 2) and the head's 3x3 (256 after
-  # ASPP). Taps: layer2's strided first,
-  # layer4's (512 channels), ASPP's (rates 12-36, 2048 in) and every 1x1.
+  # ASPP). Taps: layer2's strided first, layer4's (512 channels), ASPP's
+  # (rates 12-36, 2048 in) and every 1x1.
   model = models.create_model('deeplabv3_resnet50_tv', num_classes=21,
                               conv_impl='matmul')
   x = jax.ShapeDtypeStruct((1, 321, 321, 3), jnp.float32)
@@ -155,10 +155,12 @@ def test_matmul_hands_dense_narrow_convolutions_to_xla():
   jaxpr = str(jax.make_jaxpr(model.apply)(variables, x))
   assert jaxpr.count('conv_general_dilated[') == 1 + 3 + 3 + 6 + 1
   # On a 41x41 map a rate-12 3x3 reaches 65% of the dense products: taps.
-  assert layers._tap_density(3, 3, 12, 12, 12, 12, 41, 41, 41,
-                             41) < layers.XLA_MIN_TAP_DENSITY
-  assert layers._tap_density(3, 3, 2, 2, 2, 2, 41, 41, 41,
-                             41) > layers.XLA_MIN_TAP_DENSITY
+  def density(rate):
+    reach = layers._tap_reach(3, 3, rate, rate, 1, 1, rate, rate, 41, 41, 41,
+                              41)
+    return layers._tap_density(reach, 3, 3, 41, 41)
+
+  assert density(12) < layers.XLA_MIN_TAP_DENSITY < density(2)
 
 
 def test_models_compute_the_same_with_either_conv_impl():
