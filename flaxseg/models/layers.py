@@ -442,9 +442,7 @@ class MatmulConv(nn.Module):
           x, (0, i0 * sh + oa, j0 * sw + ob, 0),
           (n, (i1 - 1) * sh + oa + 1, (j1 - 1) * sw + ob + 1, cin),
           (1, sh, sw, 1))
-      z = jax.lax.dot_general(xs, taps[a * kw + b], (((3,), (0,)), ((), ())),
-                              precision=self.precision,
-                              preferred_element_type=acc)
+      z = tap_product(xs, taps[a * kw + b], self.precision, acc)
       if (i0, i1, j0, j1) != (0, out_h, 0, out_w):
         z = jnp.pad(z, ((0, 0), (i0, out_h - i1), (j0, out_w - j1), (0, 0)))
       y = z if y is None else y + z
@@ -452,6 +450,61 @@ class MatmulConv(nn.Module):
       y = jnp.zeros((n, out_h, out_w, self.features), acc)
     y = y.astype(x.dtype)
     return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tap_product(x: Array, w: Array, precision=None, acc=jnp.float32) -> Array:
+  """``x @ w`` over the channel axis: one tap of `MatmulConv`.
+
+  Args:
+    x: ``[..., cin]`` input pixels.
+    w: ``[cin, cout]`` kernel slice.
+    precision: `jax.lax.Precision` of the matmul.
+    acc: accumulation (and output) dtype.
+
+  Returns:
+    ``[..., cout]`` in `acc`.
+
+  The gradient is written out rather than left to autodiff for the kernel
+  gradient ``x^T g``, which contracts the pixel axis that leads both
+  operands. Left to itself, XLA:CPU feeds its matmul by writing the wider
+  of the two ``[pixels, channels]`` operands transposed, inside the fusion
+  that produces it (the BatchNorm backward pass), at a fraction of memory
+  speed; here the narrower one is transposed explicitly, and an
+  optimisation barrier keeps XLA from folding that transpose back into the
+  matmul. A ResNet bottleneck block's training step (layer3, 41x41, batch 4)
+  runs about 1.2x faster with it (BENCHMARKS.md).
+  """
+  return _tap_forward(x, w, precision, acc)
+
+
+def _tap_forward(x, w, precision, acc):
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=acc)
+
+
+def _tap_fwd(x, w, precision, acc):
+  return _tap_forward(x, w, precision, acc), (x, w)
+
+
+def _tap_bwd(precision, acc, residuals, g):
+  x, w = residuals
+  cin, cout = w.shape
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
+                           precision=precision, preferred_element_type=acc)
+  x2, g2 = x.reshape(-1, cin), g.reshape(-1, cout)
+  if cin <= cout:
+    xt = jax.lax.optimization_barrier(x2.T)
+    dw = jnp.matmul(xt, g2, precision=precision, preferred_element_type=acc)
+  else:
+    gt = jax.lax.optimization_barrier(g2.T)
+    dw = jnp.matmul(gt, x2, precision=precision,
+                    preferred_element_type=acc).T
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+tap_product.defvjp(_tap_fwd, _tap_bwd)
 
 
 def _tap_reach(kh, kw, dh, dw, sh, sw, pt, pl, h, w, out_h, out_w):
