@@ -116,4 +116,7 @@ def main():
 
 
 if __name__ == '__main__':
+  # Before JAX starts: keep XLA:CPU's buffers mapped (flaxseg/cpu_malloc.py).
+  from flaxseg import cpu_malloc  # pylint: disable=g-import-not-at-top
+  cpu_malloc.reexec_if_needed()
   main()

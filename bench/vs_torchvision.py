@@ -26,7 +26,10 @@ that as a fraction of the device's peak, measured in the same run as the
 best of a few jitted 4096x4096 float32 matmuls. Both use ``--threads`` threads (torch
 ``set_num_threads``; XLA:CPU uses the process's cores: run under
 ``taskset`` to pin both). On a GPU/TPU VM the same command times the
-accelerator (torch on CUDA if available).
+accelerator (torch on CUDA if available). On the CPU the process first
+re-executes itself with flaxseg's glibc malloc settings, as ``train.py``
+does (``flaxseg/cpu_malloc.py``); torch, in the same process, runs with them
+too. ``FLAXSEG_CPU_MALLOC=0`` times both with glibc's defaults.
 """
 
 import argparse
@@ -225,6 +228,9 @@ def main():
         f'{torch.__version__} / torchvision {torchvision.__version__} on '
         f'{device}, {args.threads} threads, {platform.processor() or "cpu"}, '
         f'median of {args.repeats}')
+  from flaxseg import cpu_malloc  # pylint: disable=g-import-not-at-top
+  # One process, so both frameworks run with these settings.
+  print(f'malloc: {cpu_malloc.describe()}')
   peak = None
   if args.flops:
     peak = matmul_peak(args.peak_size)
@@ -239,9 +245,13 @@ def main():
     with open(args.json, 'w') as f:
       json.dump({'jax': jax.__version__, 'torch': torch.__version__,
                  'threads': args.threads, 'repeats': args.repeats,
+                 'malloc': cpu_malloc.describe(),
                  'peak_gflop_s': None if peak is None else peak / 1e9,
                  'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':
+  # Before JAX starts: keep XLA:CPU's buffers mapped (flaxseg/cpu_malloc.py).
+  from flaxseg import cpu_malloc  # pylint: disable=g-import-not-at-top
+  cpu_malloc.reexec_if_needed()
   main()

@@ -11,18 +11,38 @@ plus the loss, the metrics and the pure train/eval steps. The trainer
 on demand, so ``import flaxseg`` does not load TensorFlow.
 """
 
-from flaxseg.losses import segmentation_loss, pixel_cross_entropy
-from flaxseg.metrics import (confusion_matrix, segmentation_scores,
-                             format_iou_table)
-from flaxseg.models import create_model, list_models
-from flaxseg.train.state import TrainState, create_train_state
-from flaxseg.train.step import train_step, eval_step, predict_logits
+import importlib as _importlib
 
 __version__ = '0.1.0'
 
-__all__ = [
-    'create_model', 'list_models', 'segmentation_loss', 'pixel_cross_entropy',
-    'confusion_matrix', 'segmentation_scores', 'format_iou_table',
-    'TrainState', 'create_train_state', 'train_step', 'eval_step',
-    'predict_logits',
-]
+#: Public name -> the module that defines it. Imported on first use (PEP
+#: 562), so ``from flaxseg import cpu_malloc`` in a command's entry point
+#: does not load JAX before that command re-executes itself.
+_EXPORTS = {
+    'create_model': 'flaxseg.models',
+    'list_models': 'flaxseg.models',
+    'segmentation_loss': 'flaxseg.losses',
+    'pixel_cross_entropy': 'flaxseg.losses',
+    'confusion_matrix': 'flaxseg.metrics',
+    'segmentation_scores': 'flaxseg.metrics',
+    'format_iou_table': 'flaxseg.metrics',
+    'TrainState': 'flaxseg.train.state',
+    'create_train_state': 'flaxseg.train.state',
+    'train_step': 'flaxseg.train.step',
+    'eval_step': 'flaxseg.train.step',
+    'predict_logits': 'flaxseg.train.step',
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -282,6 +282,7 @@ def main(argv):
 
 def run() -> None:
   """The console-script entry point."""
+  cpu_malloc.reexec_if_needed()
   define_flags()
   app.run(main)
 
