@@ -41,6 +41,14 @@ def __getattr__(name):
     value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
+  if not name.startswith('_'):
+    # ``flaxseg.models...`` after a bare ``import flaxseg``, as when the
+    # package imported its modules eagerly.
+    try:
+      return _importlib.import_module(f'{__name__}.{name}')
+    except ModuleNotFoundError as e:
+      if e.name != f'{__name__}.{name}':
+        raise
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 

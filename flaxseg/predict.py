@@ -39,6 +39,8 @@ from typing import Dict, List, Sequence, Tuple
 from absl import app, flags, logging
 import numpy as np
 
+from flaxseg import cpu_malloc
+
 FLAGS = flags.FLAGS
 
 
