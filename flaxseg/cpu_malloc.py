@@ -38,8 +38,6 @@ TUNABLES = ('glibc.malloc.mmap_max=0',
             'glibc.malloc.arena_max=1')
 #: Set to 0/off/false/no to keep glibc's defaults.
 OPT_OUT = 'FLAXSEG_CPU_MALLOC'
-#: Marks a process that `reexec_if_needed` already started (no loops).
-_MARK = 'FLAXSEG_CPU_MALLOC_APPLIED'
 
 
 def _glibc() -> bool:
@@ -90,7 +88,7 @@ def tuned_environ(environ: Mapping[str, str]) -> Optional[dict]:
   if environ.get(OPT_OUT, '').strip().lower() in ('0', 'off', 'false', 'no'):
     return None
   current = environ.get('GLIBC_TUNABLES', '')
-  if _MARK in environ or 'glibc.malloc.' in current:
+  if 'glibc.malloc.' in current:   # the user's, or ours: a re-executed process
     return None
   if not sys.platform.startswith('linux') or not _glibc():
     return None
@@ -99,7 +97,6 @@ def tuned_environ(environ: Mapping[str, str]) -> Optional[dict]:
   new = dict(environ)
   new['GLIBC_TUNABLES'] = ':'.join(([current] if current else []) +
                                    list(TUNABLES))
-  new[_MARK] = '1'
   return new
 
 
