@@ -85,6 +85,10 @@ def child(args):
 
 
 def main():
+  # Compile time is what is measured here: a persistent compilation cache
+  # (JAX_COMPILATION_CACHE_DIR) would turn it into the time to load a cached
+  # executable.
+  jax.config.update('jax_enable_compilation_cache', False)
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='',
                       help='comma-separated (default: every registered model)')

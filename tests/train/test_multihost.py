@@ -35,7 +35,9 @@ def _free_port() -> int:
 
 def _launch(workdir, data_root, devices, mode, process=None, port=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={devices}'
+                        ).strip())
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
          '--config=' + os.path.join(ROOT, 'configs', 'deeplabv3.py') + ':tiny',
          f'--workdir={workdir}', f'--config.data.root={data_root}',
