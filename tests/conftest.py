@@ -16,7 +16,15 @@ import atexit
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
+
+# Recipes in configs/ import ``configs.common``, and the tests import their
+# helpers as ``tests.<module>``; train.py has the repository root on sys.path
+# as its own directory, the tests put it there explicitly.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
 
 # One persistent JAX compilation cache for the whole run, set before anything
 # imports JAX. The xdist workers and every ``train.py``/bench subprocess the
@@ -38,9 +46,10 @@ if (os.environ.get("FLAXSEG_TEST_COMPILE_CACHE", "1") != "0"
 # inherit it (the 8-device CRF-RNN training runs, mostly run time, take it
 # out again); ``FLAXSEG_TEST_FAST_COMPILE=0`` compiles as users do.
 if os.environ.get("FLAXSEG_TEST_FAST_COMPILE", "1") != "0":
-  if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_backend_optimization_level=0").strip()
+  from tests import xla_env  # pylint: disable=g-import-not-at-top  (no JAX)
+  _FLAGS = xla_env.with_fast_compile(os.environ)
+  if _FLAGS is not None:        # None: the caller chose a level
+    os.environ["XLA_FLAGS"] = _FLAGS
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -107,10 +116,3 @@ def voc_copy(voc_tree, tmp_path) -> str:
   return os.path.join(str(tmp_path / "copy"), "VOCdevkit", "VOC2012")
 
 
-# Recipes in configs/ import ``configs.common``; train.py has the repository
-# root on sys.path as its own directory, the tests put it there explicitly.
-import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)

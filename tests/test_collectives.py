@@ -16,6 +16,7 @@ import pytest
 from flaxseg import collectives
 from flaxseg.config import default_config
 from flaxseg.train import distributed
+from tests import xla_env
 
 SCRIPT = r'''
 import json
@@ -72,9 +73,7 @@ print(json.dumps(out))
 
 
 def test_ordered_sums_and_batchnorm_on_4_devices():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                        ' --xla_force_host_platform_device_count=4').strip())
+  env = xla_env.cpu_devices(4)
   proc = subprocess.run([sys.executable, '-c', SCRIPT], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

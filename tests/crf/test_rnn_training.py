@@ -8,21 +8,18 @@ import sys
 import numpy as np
 import pytest
 
+from tests import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 STEPS = 8
 
 
 def _train(workdir, parallel, *extra):
-  env = dict(os.environ)
   # Optimised code, as users run it (conftest.py compiles the suite without
   # LLVM's passes): 8 training steps of the permutohedral lattice on 8
   # devices are mostly run time, which unoptimised loops make 3-4x longer.
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_backend_optimization_level')]
-  env['XLA_FLAGS'] = ' '.join(flags +
-                              ['--xla_force_host_platform_device_count=8'])
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = xla_env.cpu_devices(8, optimized=True)
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
          '--config=' + os.path.join(ROOT, 'configs', 'crfasrnn.py:tiny'),
          f'--workdir={workdir}', f'--config.parallel={parallel}',

@@ -7,14 +7,13 @@ import sys
 
 import numpy as np
 
+from tests import xla_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_pmap_shard_map_and_single_device_agree():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=8').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = xla_env.cpu_devices(8)
   proc = subprocess.run(
       [sys.executable, os.path.join(HERE, 'parallel_script.py')], env=env,
       capture_output=True, text=True, timeout=900)
