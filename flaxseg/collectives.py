@@ -12,8 +12,11 @@ visible differences within a few steps.
 instead of a plain string. Every sum over it (gradients, losses, the
 valid-pixel count, synchronised BatchNorm statistics) then becomes an
 ``all_gather`` (which only moves data) followed by a sum over the gathered
-axis in device order, the same program whatever the topology, so results are
-bit-identical across process and device layouts. Its derivative is the same
+axis in device order, the same program whatever the topology, so the sums are
+bit-identical across process and device layouts (whether a whole training
+step is also depends on XLA compiling the rest of it identically for each
+layout: on Intel CPUs it did, on AMD EPYC it differs in the last bits from
+the second step on; ``tests/train/test_multihost.py``). Its derivative is the same
 ordered sum of the cotangents (the transpose ``psum`` has under ``pmap``).
 It costs ``n`` times the memory of each summed array and an all-gather's
 traffic instead of an all-reduce's: a reproducibility setting, not a fast

@@ -105,8 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.normalize_loss = True
   c.train.log_every_steps = 50
   # Cross-device sums (gradients, losses, BatchNorm statistics): 'psum'
-  # (jax.lax.psum) or 'ordered' (all_gather + sum in device order: the same
-  # bits on any process/device layout; see flaxseg.collectives).
+  # (jax.lax.psum) or 'ordered' (all_gather + sum in device order: sums with
+  # the same bits on any process/device layout; see flaxseg.collectives).
   c.train.reduction = 'psum'
   # A non-finite loss or gradient: 'raise' (stop with FloatingPointError
   # naming the step; no checkpoint is written after it) or 'skip' (leave the
