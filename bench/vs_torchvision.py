@@ -17,19 +17,33 @@ excluded:
 * ``infer``: inference-mode logits at input resolution (torch under
   ``inference_mode``).
 
+By default (``--isolate process``) each framework runs in its own worker
+process (``multiprocessing`` spawn), fresh for each row: the JAX worker is
+built, compiled and warmed up, then the torch worker, and then the parent
+asks each in turn for one timed run, so only one of them computes at a time.
+Both share one process with ``--isolate none``, as sessions before 16 timed
+them; there each framework's thread pool and allocations can slow the
+other (BENCHMARKS.md: the R101 training step took 12.1-15.3 s alone, 19.9 s
+in one process beside torch). The process mode also reports each worker's peak RSS (the
+torch worker never imports JAX).
+
 It prints the median seconds of ``--repeats`` runs, images/s of each, and the
 ratio torch_time / jax_time (> 1: flaxseg is faster), plus the JAX compile
 time of each function. ``--conv_impl xla,matmul`` times flaxseg's two
-convolution implementations (``layers.MatmulConv``), each against torch. With ``--flops`` it also reports the FLOPs XLA counts
-in each compiled JAX function (``cost_analysis``), the FLOP/s achieved, and
-that as a fraction of the device's peak, measured in the same run as the
-best of a few jitted 4096x4096 float32 matmuls. Both use ``--threads`` threads (torch
+convolution implementations (``layers.MatmulConv``), each against torch.
+With ``--flops`` it also reports the FLOPs XLA counts in each compiled JAX
+function (``cost_analysis``), the FLOP/s achieved, and that as a fraction of
+the device's peak, measured in the same run as the best of a few jitted
+4096x4096 float32 matmuls. Both use ``--threads`` threads (torch
 ``set_num_threads``; XLA:CPU uses the process's cores: run under
 ``taskset`` to pin both). On a GPU/TPU VM the same command times the
-accelerator (torch on CUDA if available). On the CPU the process first
-re-executes itself with flaxseg's glibc malloc settings, as ``train.py``
-does (``flaxseg/cpu_malloc.py``); torch, in the same process, runs with them
-too. ``FLAXSEG_CPU_MALLOC=0`` times both with glibc's defaults.
+accelerator (torch on CUDA if available; the JAX worker then preallocates at
+most 45% of the device memory unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is
+set, leaving room for torch's). On the CPU the process first re-executes
+itself with flaxseg's glibc malloc settings, as ``train.py`` does
+(``flaxseg/cpu_malloc.py``); the workers inherit its environment, so torch
+runs with them too. ``FLAXSEG_CPU_MALLOC=0`` times both with glibc's
+defaults.
 """
 
 import argparse
@@ -39,12 +53,10 @@ import platform
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from flaxseg.models.layers import CONV_IMPLS
+# JAX is imported where it is used: the torch worker process (which imports
+# this module) then holds torch alone, and its peak RSS is torch's.
 
 TV = {'deeplabv3_resnet50_tv': 'deeplabv3_resnet50',
       'deeplabv3_resnet101_tv': 'deeplabv3_resnet101',
@@ -58,6 +70,8 @@ def _shape(text):
 
 def jax_fns(name, size, lr=0.01, conv_impl='auto'):
   """``(model, fresh train state, the step module)`` for flaxseg's ``name``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
   from flaxseg import models  # pylint: disable=g-import-not-at-top
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -78,6 +92,8 @@ def torch_model(name, device):
 
 def matmul_peak(n=4096, repeats=5):
   """FLOP/s of the best of ``repeats`` jitted ``n x n`` float32 matmuls."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   jax.block_until_ready(f(a))
@@ -96,6 +112,75 @@ def _flops(compiled):
   return float((cost or {}).get('flops', 0.0))
 
 
+def _data(batch, size):
+  """The same random images and labels for both frameworks (NHWC, int32)."""
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  labels = rng.integers(0, 21, (batch, size, size)).astype(np.int32)
+  labels[:, :4] = 255
+  return images, labels
+
+
+def jax_runner(name, kind, batch, size, conv_impl='auto'):
+  """``(run, compile_s, compiled)``: one timed JAX call for ``kind``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  images, labels = _data(batch, size)
+  model, state, step_lib = jax_fns(name, size, conv_impl=conv_impl)
+  x_j, y_j = jnp.asarray(images), jnp.asarray(labels)
+  holder = {'state': state}
+  if kind == 'train':
+    step = jax.jit(lambda s, b: step_lib.train_step(s, b, axis_name=None),
+                   donate_argnums=0)
+    batch_j = {'image': x_j, 'label': y_j}
+    t0 = time.perf_counter()
+    compiled = step.lower(holder['state'], batch_j).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+      holder['state'], m = compiled(holder['state'], batch_j)
+      jax.block_until_ready(m['loss'])
+  else:
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    t0 = time.perf_counter()
+    compiled = infer.lower(state.variables, x_j).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+      jax.block_until_ready(compiled(holder['state'].variables, x_j))
+  return run, compile_s, compiled
+
+
+def torch_runner(name, kind, batch, size, device, tmodel=None):
+  """One timed torchvision call for ``kind`` (training step or inference)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  images, labels = _data(batch, size)
+  tmodel = tmodel if tmodel is not None else torch_model(name, device)
+  x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  y_t = torch.from_numpy(labels.astype(np.int64)).to(device)
+  if kind == 'train':
+    tmodel.train()
+    opt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
+
+    def run():
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(tmodel(x_t)['out'], y_t)
+      loss.backward()
+      opt.step()
+      if device != 'cpu':
+        torch.cuda.synchronize()
+  else:
+    tmodel.eval()
+
+    def run():
+      with torch.inference_mode():
+        tmodel(x_t)['out']
+      if device != 'cpu':
+        torch.cuda.synchronize()
+  return run
+
+
 def _median_alternating(fns, repeats):
   """Runs each fn ``repeats`` times, alternating; returns medians (s)."""
   times = [[] for _ in fns]
@@ -107,78 +192,160 @@ def _median_alternating(fns, repeats):
   return [statistics.median(t) for t in times]
 
 
+def _peak_rss_mb():
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(conn, framework, job):
+  """A worker process: builds one side of a row, then times it on request.
+
+  Replies ``('ready', info)`` once built and warmed up (the compile/warm-up
+  run excluded), then one ``('time', seconds)`` per ``'run'`` message, and
+  ``('done', info)`` with its peak RSS on ``'stop'``. An exception is sent
+  back as ``('error', traceback)``.
+  """
+  import traceback  # pylint: disable=g-import-not-at-top
+  try:
+    info = {}
+    if framework == 'probe':
+      import jax  # pylint: disable=g-import-not-at-top
+      info['platform'] = jax.devices()[0].platform
+      if job.get('peak_size'):
+        info['peak'] = matmul_peak(job['peak_size'])
+      run = lambda: None
+    elif framework == 'jax':
+      if job['device'] != 'cpu':
+        # Both workers share the accelerator: JAX must not preallocate 75%.
+        os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
+      run, info['compile_s'], compiled = jax_runner(
+          job['name'], job['kind'], job['batch'], job['size'],
+          job['conv_impl'])
+      if job['flops']:
+        info['flops'] = _flops(compiled)
+    else:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(job['threads'])
+      run = torch_runner(job['name'], job['kind'], job['batch'], job['size'],
+                         job['device'])
+    run()                                    # warm-up, excluded
+    conn.send(('ready', info))
+    while True:
+      msg = conn.recv()
+      if msg == 'stop':
+        conn.send(('done', {'rss_mb': _peak_rss_mb()}))
+        return
+      t0 = time.perf_counter()
+      run()
+      conn.send(('time', time.perf_counter() - t0))
+  except BaseException:  # pylint: disable=broad-except
+    conn.send(('error', traceback.format_exc()))
+
+
+class _Worker:
+  """The parent's handle on one `_worker` process."""
+
+  def __init__(self, framework, job):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    ctx = multiprocessing.get_context('spawn')
+    self.framework = framework
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_worker, args=(child, framework, job),
+                            daemon=True)
+    self.proc.start()
+    child.close()
+
+  def expect(self, kind):
+    try:
+      tag, value = self.conn.recv()
+    except EOFError:
+      self.proc.join()
+      raise RuntimeError(f'the {self.framework} worker died (exit code '
+                         f'{self.proc.exitcode})') from None
+    if tag == 'error':
+      raise RuntimeError(f'the {self.framework} worker failed:\n{value}')
+    assert tag == kind, (tag, kind)
+    return value
+
+  def __call__(self):
+    self.conn.send('run')
+    self.expect('time')
+
+  def stop(self):
+    self.conn.send('stop')
+    info = self.expect('done')
+    self.proc.join()
+    return info
+
+  def kill(self):
+    if self.proc.is_alive():
+      self.proc.kill()
+      self.proc.join()
+
+
+def _row_in_processes(job, repeats):
+  """Times one row with each framework in its own process, alternating."""
+  workers = []
+  try:
+    infos = {}
+    # Built one after the other, so that neither's compile or warm-up runs
+    # while the other is being timed or built.
+    for framework in ('jax', 'torch'):
+      workers.append(_Worker(framework, job))
+      infos[framework] = workers[-1].expect('ready')
+    jax_s, torch_s = _median_alternating(workers, repeats)
+    rss = {w.framework: w.stop()['rss_mb'] for w in workers}
+  finally:
+    for w in workers:
+      w.kill()
+  return (jax_s, torch_s, infos['jax']['compile_s'],
+          infos['jax'].get('flops'), rss)
+
+
+def _row_in_process(job, repeats, tmodel):
+  run_jax, compile_s, compiled = jax_runner(
+      job['name'], job['kind'], job['batch'], job['size'], job['conv_impl'])
+  run_torch = torch_runner(job['name'], job['kind'], job['batch'],
+                           job['size'], job['device'], tmodel)
+  run_jax()
+  run_torch()          # warm-up, excluded
+  jax_s, torch_s = _median_alternating([run_jax, run_torch], repeats)
+  flops = _flops(compiled) if job['flops'] else None
+  return jax_s, torch_s, compile_s, flops, None
+
+
 def bench_model(name, train_shapes, infer_shapes, repeats, device,
-                peak=None, conv_impl='auto'):
-  import torch  # pylint: disable=g-import-not-at-top
+                peak=None, conv_impl='auto', isolate='process', threads=1):
   rows = []
-  rng = np.random.default_rng(0)
-  tmodel = torch_model(name, device)
+  tmodel = torch_model(name, device) if isolate == 'none' else None
   for kind, shapes in (('train', train_shapes), ('infer', infer_shapes)):
     for batch, size in shapes:
-      images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-      labels = rng.integers(0, 21, (batch, size, size)).astype(np.int32)
-      labels[:, :4] = 255
-      model, state, step_lib = jax_fns(name, size, conv_impl=conv_impl)
-      x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-      y_t = torch.from_numpy(labels.astype(np.int64)).to(device)
-      x_j, y_j = jnp.asarray(images), jnp.asarray(labels)
-      holder = {'state': state}
-      if kind == 'train':
-        step = jax.jit(lambda s, b: step_lib.train_step(s, b, axis_name=None),
-                       donate_argnums=0)
-        batch_j = {'image': x_j, 'label': y_j}
-        t0 = time.perf_counter()
-        compiled = step.lower(holder['state'], batch_j).compile()
-        compile_s = time.perf_counter() - t0
-
-        def run_jax():
-          holder['state'], m = compiled(holder['state'], batch_j)
-          jax.block_until_ready(m['loss'])
-
-        tmodel.train()
-        opt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9)
-        loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
-
-        def run_torch():
-          opt.zero_grad(set_to_none=True)
-          loss = loss_fn(tmodel(x_t)['out'], y_t)
-          loss.backward()
-          opt.step()
-          if device != 'cpu':
-            torch.cuda.synchronize()
+      job = {'name': name, 'kind': kind, 'batch': batch, 'size': size,
+             'conv_impl': conv_impl, 'device': device, 'threads': threads,
+             'flops': bool(peak)}
+      if isolate == 'process':
+        jax_s, torch_s, compile_s, flops, rss = _row_in_processes(job,
+                                                                  repeats)
       else:
-        infer = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-        t0 = time.perf_counter()
-        compiled = infer.lower(state.variables, x_j).compile()
-        compile_s = time.perf_counter() - t0
-
-        def run_jax():
-          jax.block_until_ready(compiled(holder['state'].variables, x_j))
-
-        tmodel.eval()
-
-        def run_torch():
-          with torch.inference_mode():
-            tmodel(x_t)['out']
-          if device != 'cpu':
-            torch.cuda.synchronize()
-      run_jax()
-      run_torch()          # warm-up, excluded
-      jax_s, torch_s = _median_alternating([run_jax, run_torch], repeats)
+        jax_s, torch_s, compile_s, flops, rss = _row_in_process(job, repeats,
+                                                                tmodel)
       row = {'model': name, 'conv_impl': conv_impl, 'kind': kind,
-             'batch': batch, 'size': size,
+             'batch': batch, 'size': size, 'isolate': isolate,
              'jax_s': jax_s, 'torch_s': torch_s,
              'jax_img_s': batch / jax_s, 'torch_img_s': batch / torch_s,
              'ratio': torch_s / jax_s, 'jax_compile_s': compile_s}
       extra = ''
+      if rss:
+        row.update({'jax_peak_rss_mb': rss['jax'],
+                    'torch_peak_rss_mb': rss['torch']})
+        extra += f'  RSS jax {rss["jax"]:6.0f} / torch {rss["torch"]:6.0f} MB'
       if peak:
-        flops = _flops(compiled)
         row.update({'jax_gflop': flops / 1e9,
                     'jax_gflop_s': flops / jax_s / 1e9,
                     'torch_gflop_s_same_work': flops / torch_s / 1e9,
                     'fraction_of_peak': flops / jax_s / peak})
-        extra = (f'  {flops / 1e9:6.1f} GFLOP, {flops / jax_s / 1e9:6.1f} '
-                 f'GFLOP/s ({100 * flops / jax_s / peak:4.1f}% of peak)')
+        extra += (f'  {flops / 1e9:6.1f} GFLOP, {flops / jax_s / 1e9:6.1f} '
+                  f'GFLOP/s ({100 * flops / jax_s / peak:4.1f}% of peak)')
       rows.append(row)
       print(f'{name:24s} {conv_impl:6s} {kind:5s} {batch:2d}x{size:<4d} '
             f'jax {jax_s:7.3f} s ({batch / jax_s:6.2f} img/s)  '
@@ -208,8 +375,16 @@ def main():
                       help="flaxseg convolution implementations to time, "
                       "comma-separated: auto (matmul on CPU, XLA's "
                       "elsewhere), xla, matmul, taps (layers.CONV_IMPLS)")
+  parser.add_argument('--isolate', default='process',
+                      choices=('process', 'none'),
+                      help='process: each framework in its own worker '
+                      'process (built one after the other, then timed '
+                      'alternately; also reports each one\'s peak RSS); '
+                      'none: both in this process')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
+  import jax  # pylint: disable=g-import-not-at-top
+  from flaxseg.models.layers import CONV_IMPLS  # pylint: disable=g-import-not-at-top
   impls = [i for i in args.conv_impl.split(',') if i]
   bad = sorted(set(impls) - set(CONV_IMPLS))
   if bad:
@@ -224,27 +399,44 @@ def main():
     parser.error(f'unknown models {unknown}; known: {sorted(TV)}')
   train = [_shape(s) for s in args.train.split(',') if s]
   infer = [_shape(s) for s in args.infer.split(',') if s]
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, torch '
+  peak_size = args.peak_size if args.flops else 0
+  if args.isolate == 'process':
+    # The parent starts no JAX backend (on a GPU it would hold the memory the
+    # workers need): a probe process reads the platform and the peak.
+    probe = _Worker('probe', {'peak_size': peak_size, 'device': device})
+    try:
+      info = probe.expect('ready')
+      probe.stop()
+    finally:
+      probe.kill()
+    jax_platform, peak = info['platform'], info.get('peak')
+  else:
+    jax_platform = jax.devices()[0].platform
+    peak = matmul_peak(peak_size) if peak_size else None
+  print(f'jax {jax.__version__} on {jax_platform}, torch '
         f'{torch.__version__} / torchvision {torchvision.__version__} on '
         f'{device}, {args.threads} threads, {platform.processor() or "cpu"}, '
-        f'median of {args.repeats}')
+        f'median of {args.repeats}, '
+        + ('each framework in its own process' if args.isolate == 'process'
+           else 'both in one process'))
   from flaxseg import cpu_malloc  # pylint: disable=g-import-not-at-top
-  # One process, so both frameworks run with these settings.
+  # The workers inherit this process's environment: both frameworks run with
+  # these settings.
   print(f'malloc: {cpu_malloc.describe()}')
-  peak = None
-  if args.flops:
-    peak = matmul_peak(args.peak_size)
+  if peak:
     print(f'peak: {peak / 1e9:.1f} GFLOP/s (jitted {args.peak_size}^2 '
           'float32 matmul)')
   rows = []
   for name in names:
     for impl in impls:
       rows += bench_model(name, train, infer, args.repeats, device, peak,
-                          conv_impl=impl)
+                          conv_impl=impl, isolate=args.isolate,
+                          threads=args.threads)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'jax': jax.__version__, 'torch': torch.__version__,
                  'threads': args.threads, 'repeats': args.repeats,
+                 'isolate': args.isolate,
                  'malloc': cpu_malloc.describe(),
                  'peak_gflop_s': None if peak is None else peak / 1e9,
                  'rows': rows}, f, indent=1)

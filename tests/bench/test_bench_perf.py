@@ -33,13 +33,34 @@ def test_vs_torchvision_runs(tmp_path):
                 '--train=1x33', '--infer=1x33', '--repeats=1', '--flops',
                 '--peak_size=256', '--conv_impl=matmul',
                 f'--json={out}')
-  rows = json.loads(out.read_text())['rows']
+  result = json.loads(out.read_text())
+  rows = result['rows']
+  assert result['isolate'] == 'process'
   assert [(r['kind'], r['batch'], r['size'], r['conv_impl']) for r in rows] == [
       ('train', 1, 33, 'matmul'), ('infer', 1, 33, 'matmul')]
   for r in rows:
     assert r['jax_s'] > 0 and r['torch_s'] > 0 and r['jax_gflop'] > 0
     assert 0 < r['fraction_of_peak'] < 5
+    # Each framework in its own worker: its own peak RSS (JAX's worker holds
+    # jaxlib and the compiled step, so it is never below ~100 MB).
+    assert r['isolate'] == 'process'
+    assert 100 < r['jax_peak_rss_mb'] < 20000
+    assert 100 < r['torch_peak_rss_mb'] < 20000
   assert 'GFLOP/s' in stdout
+
+
+def test_vs_torchvision_in_one_process(tmp_path):
+  """``--isolate none``: both frameworks timed in the parent process."""
+  pytest.importorskip('torchvision', reason='the parity extra is not installed')
+  out = tmp_path / 'tv.json'
+  _run('vs_torchvision.py', '--models=fcn_resnet50_tv', '--train=1x33',
+       '--infer=', '--repeats=1', '--isolate=none', f'--json={out}')
+  result = json.loads(out.read_text())
+  assert result['isolate'] == 'none'
+  [row] = result['rows']
+  assert (row['kind'], row['isolate']) == ('train', 'none')
+  assert row['jax_s'] > 0 and row['torch_s'] > 0
+  assert 'jax_peak_rss_mb' not in row
 
 
 def test_compile_memory_runs(tmp_path):
