@@ -23,8 +23,8 @@ built, compiled and warmed up, then the torch worker, and then the parent
 asks each in turn for one timed run, so only one of them computes at a time.
 Both share one process with ``--isolate none``, as sessions before 16 timed
 them; there each framework's thread pool and allocations can slow the
-other (BENCHMARKS.md: the R101 training step took 12.1-15.3 s alone, 19.9 s
-in one process beside torch). The process mode also reports each worker's peak RSS (the
+other (BENCHMARKS.md, 2026-12-04: the R50 training step 13% slower than in
+its own process, R101's unchanged). The process mode also reports each worker's peak RSS (the
 torch worker never imports JAX).
 
 It prints the median seconds of ``--repeats`` runs, images/s of each, and the
