@@ -24,8 +24,8 @@ asks each in turn for one timed run, so only one of them computes at a time.
 Both share one process with ``--isolate none``, as sessions before 16 timed
 them; there each framework's thread pool and allocations can slow the
 other (BENCHMARKS.md, 2026-12-04: the R50 training step 13% slower than in
-its own process, R101's unchanged). The process mode also reports each worker's peak RSS (the
-torch worker never imports JAX).
+its own process, R101's unchanged). The process mode also reports each
+worker's peak RSS (the torch worker never imports JAX).
 
 It prints the median seconds of ``--repeats`` runs, images/s of each, and the
 ratio torch_time / jax_time (> 1: flaxseg is faster), plus the JAX compile

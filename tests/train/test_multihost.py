@@ -19,6 +19,7 @@ array's magnitude: the ordered runs differ by 1.1e-5 there, ``psum`` runs by
 3.6 (Adam's second moments of near-zero gradients).
 """
 
+import json
 import os
 import signal
 import socket
@@ -176,7 +177,6 @@ print(json.dumps({
 
 def test_ordered_sum_across_processes_is_exact():
   """The ordered sum over Gloo is the sequential sum in device order."""
-  import json  # pylint: disable=g-import-not-at-top
   port = _free_port()
   runs = [subprocess.Popen(
       [sys.executable, '-c', SUM_SCRIPT, '2', str(i), f'127.0.0.1:{port}'],
