@@ -4,15 +4,18 @@
   python bench/compile_memory.py --models deeplabv3_resnet101 --batch 4 \\
       --crop 321 --remat both --rss --json compile.json
 
-For each model (21 classes, float32, SGD momentum) it lowers and compiles the
-jitted training step (``flaxseg.train.step.train_step``, state donated) at
-``--batch`` x ``--crop`` and prints the seconds of tracing + lowering and of
-XLA compilation, and XLA's memory analysis of the compiled step (arguments,
-outputs and temporaries: the buffers the step needs at its peak). With
-``--remat both`` each model that takes ``remat`` is measured without and with
-rematerialisation of its residual blocks. With ``--rss`` the step is also run
-once in a fresh subprocess per case and its peak resident set size reported
-(``ru_maxrss``; on GPU/TPU the device's ``peak_bytes_in_use`` instead).
+For each model (21 classes, ``--dtype`` compute, SGD momentum) it lowers and
+compiles the jitted training step (``flaxseg.train.step.train_step``, state
+donated) at ``--batch`` x ``--crop`` and prints the seconds of tracing +
+lowering and of XLA compilation, and XLA's memory analysis of the compiled
+step (arguments, outputs and temporaries: the buffers the step needs at its
+peak). With ``--remat both`` each model that takes ``remat`` is measured
+without and with rematerialisation of its residual blocks. With ``--rss`` the
+step is also run once in a fresh subprocess per case and its peak resident set
+size reported (``ru_maxrss``; on GPU/TPU the device's ``peak_bytes_in_use``
+instead; the script turns JAX's preallocation off,
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so that the parent's pool does not
+leave the subprocess a quarter of the device).
 """
 
 import argparse
@@ -29,11 +32,13 @@ import numpy as np
 import optax
 
 
-def build(name, batch, crop, remat, conv_impl=None):
+def build(name, batch, crop, remat, conv_impl=None, dtype='float32'):
   from flaxseg import models  # pylint: disable=g-import-not-at-top
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
   kwargs = {'remat': True} if remat else {}
+  if dtype != 'float32':
+    kwargs['dtype'] = dtype
   if conv_impl is not None:
     kwargs['conv_impl'] = conv_impl
   model = models.create_model(name, num_classes=21, **kwargs)
@@ -49,16 +54,16 @@ def build(name, batch, crop, remat, conv_impl=None):
   return state, data, step
 
 
-def measure(name, batch, crop, remat):
+def measure(name, batch, crop, remat, dtype='float32'):
   """Compile times and XLA memory of one case (in this process)."""
-  state, data, step = build(name, batch, crop, remat)
+  state, data, step = build(name, batch, crop, remat, dtype=dtype)
   t0 = time.perf_counter()
   lowered = step.lower(state, data)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  row = {'model': name, 'remat': remat, 'batch': batch, 'crop': crop,
-         'lower_s': t1 - t0, 'compile_s': t2 - t1}
+  row = {'model': name, 'remat': remat, 'dtype': dtype, 'batch': batch,
+         'crop': crop, 'lower_s': t1 - t0, 'compile_s': t2 - t1}
   mem = compiled.memory_analysis()
   if mem is not None:
     row.update({
@@ -72,7 +77,7 @@ def measure(name, batch, crop, remat):
 def child(args):
   """Runs one step in this (fresh) process; prints its peak memory as JSON."""
   row, (state, data, compiled) = measure(args.models, args.batch, args.crop,
-                                         args.child_remat)
+                                         args.child_remat, args.dtype)
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics['loss'])
   device = jax.devices()[0]
@@ -89,12 +94,18 @@ def main():
   # (JAX_COMPILATION_CACHE_DIR) would turn it into the time to load a cached
   # executable.
   jax.config.update('jax_enable_compilation_cache', False)
+  # Before any backend starts (inherited by the --rss subprocesses): on an
+  # accelerator each process takes only what it uses.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='',
                       help='comma-separated (default: every registered model)')
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--crop', type=int, default=321)
   parser.add_argument('--remat', choices=('off', 'on', 'both'), default='off')
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
+                      help='computation dtype (parameters stay float32)')
   parser.add_argument('--rss', action='store_true',
                       help='also run each case in a subprocess for its peak '
                       'memory')
@@ -113,7 +124,7 @@ def main():
     parser.error(f'unknown models {unknown}')
   rows = []
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, batch '
-        f'{args.batch}, crop {args.crop}')
+        f'{args.batch}, crop {args.crop}, {args.dtype}')
   print(f'{"model":26s} {"remat":5s} {"lower s":>8s} {"compile s":>9s} '
         f'{"args MB":>8s} {"temp MB":>8s} {"peak MB":>8s}')
   for name in names:
@@ -122,12 +133,12 @@ def main():
     for remat in cases:
       if remat and not takes_remat:
         continue
-      row, _ = measure(name, args.batch, args.crop, remat)
+      row, _ = measure(name, args.batch, args.crop, remat, args.dtype)
       if args.rss:
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f'--models={name}',
              f'--batch={args.batch}', f'--crop={args.crop}',
-             f'--child_remat={int(remat)}'],
+             f'--dtype={args.dtype}', f'--child_remat={int(remat)}'],
             capture_output=True, text=True, check=True)
         row.update(json.loads(done.stdout.strip().splitlines()[-1]))
       rows.append(row)

@@ -50,26 +50,55 @@ def test_vs_torchvision_runs(tmp_path):
 
 
 def test_vs_torchvision_in_one_process(tmp_path):
-  """``--isolate none``: both frameworks timed in the parent process."""
+  """``--isolate none``: both frameworks timed in the parent process; both
+  dtypes (flaxseg's bfloat16 compute against torch's autocast)."""
   pytest.importorskip('torchvision', reason='the parity extra is not installed')
   out = tmp_path / 'tv.json'
   _run('vs_torchvision.py', '--models=fcn_resnet50_tv', '--train=1x33',
-       '--infer=', '--repeats=1', '--isolate=none', f'--json={out}')
+       '--infer=', '--repeats=1', '--isolate=none',
+       '--dtype=float32,bfloat16', '--flops', '--peak_size=256',
+       f'--json={out}')
   result = json.loads(out.read_text())
   assert result['isolate'] == 'none'
-  [row] = result['rows']
-  assert (row['kind'], row['isolate']) == ('train', 'none')
-  assert row['jax_s'] > 0 and row['torch_s'] > 0
-  assert 'jax_peak_rss_mb' not in row
+  assert sorted(result['peak_gflop_s']) == ['bfloat16', 'float32']
+  rows = result['rows']
+  assert [(r['kind'], r['dtype'], r['isolate']) for r in rows] == [
+      ('train', 'float32', 'none'), ('train', 'bfloat16', 'none')]
+  for row in rows:
+    assert row['jax_s'] > 0 and row['torch_s'] > 0 and row['jax_gflop'] > 0
+    assert 'jax_peak_rss_mb' not in row
+    assert 'jax_peak_device_mb' not in row   # on the CPU: RSS only
+  # The same program in both dtypes: XLA counts (almost) the same work.
+  assert rows[1]['jax_gflop'] == pytest.approx(rows[0]['jax_gflop'], rel=0.05)
+
+
+def test_vs_torchvision_counts_flops_of_the_program_not_the_backend():
+  """`_flops` counts the HLO lowered for the CPU: the same figure whatever
+  device runs the benchmark (a GPU's compiled cost analysis leaves out the
+  convolutions it hands to cuDNN)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  try:
+    import vs_torchvision  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(os.path.join(ROOT, 'bench'))
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  x, w = jnp.ones((2, 10, 12, 3)), jnp.ones((3, 3, 3, 5))
+  # 2 FLOPs per multiply-add: batch 2, an 8x10 output, 3x3x3 taps, 5 outputs.
+  assert vs_torchvision._flops(conv, x, w) == 2 * 2 * 8 * 10 * 27 * 5
 
 
 def test_compile_memory_runs(tmp_path):
   out = tmp_path / 'compile.json'
   _run('compile_memory.py', '--models=deeplabv3_resnet18', '--batch=1',
-       '--crop=17', '--remat=both', '--rss', f'--json={out}')
+       '--crop=17', '--remat=both', '--rss', '--dtype=bfloat16',
+       f'--json={out}')
   rows = json.loads(out.read_text())['rows']
-  cases = [(r['model'], r['remat']) for r in rows]
-  assert cases == [('deeplabv3_resnet18', False), ('deeplabv3_resnet18', True)]
+  cases = [(r['model'], r['remat'], r['dtype']) for r in rows]
+  assert cases == [('deeplabv3_resnet18', False, 'bfloat16'),
+                   ('deeplabv3_resnet18', True, 'bfloat16')]
   for r in rows:
     assert r['compile_s'] > 0 and r['temp_mb'] > 0 and r['peak_mb'] > 0
 

