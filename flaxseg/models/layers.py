@@ -294,6 +294,32 @@ def make_norm(*, momentum: float = 0.9, axis_name: Optional[str] = None,
                            use_fast_variance=False)
 
 
+def computed_once(x: Array) -> Array:
+  """``x``, bit for bit, as a value XLA:CPU computes once and stores.
+
+  XLA:CPU's fusion pass copies cheap elementwise producers into each of
+  their consumers, recursively, and `jax.lax.optimization_barrier` does not
+  stop it there (XLA:CPU expands barriers before it fuses). On a residual
+  stream, ``out_k = relu(bn(conv(...)) + out_{k-1})``, that rebuilds the
+  whole chain of earlier blocks inside every block's fusion: in ResNet-101's
+  training step each layer3 block's output and ReLU-gradient fusion read
+  the outputs of every earlier block (up to 123 operands), work quadratic
+  in depth. A floating-point division is among the operations XLA's fusion
+  does not duplicate, so ``x / one``, with ``one`` a 1.0 that XLA cannot
+  fold away (computed at run time from ``x``'s first element), is stored
+  once and read by every consumer. Dividing by one is exact (NaN,
+  infinities and signed zeros included; subnormals XLA:CPU flushes to zero
+  in any arithmetic, the ReLU before it included) and so is its gradient;
+  ``one`` is 1.0 whatever that element holds. On other backends, whose
+  fusion weighs costs, it returns ``x``.
+  """
+  if jax.default_backend() != 'cpu' or x.size == 0:
+    return x
+  probe = jax.lax.stop_gradient(x.reshape(-1)[:1])
+  one = 1 + (probe != probe).astype(x.dtype) * 0
+  return x / one[0]
+
+
 #: ``conv_impl`` values: XLA's convolution; `MatmulConv` (per-tap matmuls,
 #: XLA's convolution for the dense, narrow stride-1 ones where it is faster);
 #: `MatmulConv` with taps everywhere but the stem; or 'auto' (matmul on CPU,

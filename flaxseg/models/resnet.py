@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (ModuleDef, canonicalize_dtype,
-                                   conv_kernel_init, conv_module, make_norm)
+                                   computed_once, conv_kernel_init,
+                                   conv_module, make_norm)
 
 Array = jax.Array
 
@@ -152,7 +153,7 @@ class BasicBlock(nn.Module):
       x = self.conv(self.planes, (1, 1), (self.stride, self.stride),
                     padding='VALID', name='downsample_conv')(x)
       x = self.norm(name='downsample_bn')(x, use_running_average=ura)
-    return nn.relu(x + y)
+    return computed_once(nn.relu(x + y))
 
 
 class Bottleneck(nn.Module):
@@ -189,7 +190,7 @@ class Bottleneck(nn.Module):
       x = self.conv(self.planes * 4, (1, 1), (self.stride, self.stride),
                     padding='VALID', name='downsample_conv')(x)
       x = self.norm(name='downsample_bn')(x, use_running_average=ura)
-    return nn.relu(x + y)
+    return computed_once(nn.relu(x + y))
 
 
 class ResNet(nn.Module):

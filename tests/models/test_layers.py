@@ -164,3 +164,41 @@ def test_canonicalize_dtype():
     layers.canonicalize_dtype('int32')
   with pytest.raises(ValueError, match='bf16x'):
     layers.canonicalize_dtype('bf16x')
+
+
+def test_computed_once_is_exact_and_so_is_its_gradient():
+  x = jnp.array([[np.nan, 1.5, -0.0, np.inf, -np.inf, 1e-30, -3e38, 2.0]],
+                jnp.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    out = jax.jit(layers.computed_once)(xd)
+    assert out.dtype == dtype
+    # Bit for bit, NaN and signed zero included: a NaN first element (the
+    # one `computed_once` reads) does not spread.
+    np.testing.assert_array_equal(
+        np.asarray(out).view(np.uint16 if dtype == jnp.bfloat16 else
+                             np.uint32),
+        np.asarray(xd).view(np.uint16 if dtype == jnp.bfloat16 else
+                            np.uint32))
+  # Subnormals: XLA:CPU flushes them to zero in any arithmetic, so the
+  # ReLU that `computed_once` follows in a block has already done so.
+  tiny = jnp.array([1e-40, -1e-40, 3.0], jnp.float32)
+  relu = jax.jit(jax.nn.relu)(tiny)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda v: layers.computed_once(jax.nn.relu(v)))(
+          tiny)).view(np.uint32), np.asarray(relu).view(np.uint32))
+  w = jnp.arange(8.0).reshape(1, 8)
+  grad = jax.grad(lambda v: jnp.sum(layers.computed_once(v) * w))(
+      jnp.ones((1, 8)))
+  np.testing.assert_array_equal(grad, w)
+  assert layers.computed_once(jnp.zeros((0, 3))).shape == (0, 3)
+
+
+def test_computed_once_survives_xla_on_cpu():
+  """The division is what stops XLA:CPU duplicating the producer; XLA must
+  not fold it away (a constant 1.0 would be)."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('a no-op off the CPU')
+  f = jax.jit(lambda v: layers.computed_once(jnp.exp(v)))
+  hlo = f.lower(jnp.ones((4, 8))).compile().as_text()
+  assert 'divide(' in hlo

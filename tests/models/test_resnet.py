@@ -171,3 +171,35 @@ def test_frozen_bn_everywhere():
 def test_bad_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _abstract_init(resnet.ResNet(**kwargs))
+
+
+def _largest_fusion(depth, monkeypatch=None):
+  """Most operands of any fusion in a tiny ResNet's compiled gradient."""
+  import re  # pylint: disable=g-import-not-at-top
+  model = resnet.ResNet(depth=depth, base_width=4, output_stride=8)
+  x = jnp.ones((2, 33, 33, 3))
+  variables = model.init(jax.random.key(0), x)
+
+  def loss(params, x):
+    feats, _ = model.apply({'params': params,
+                            'batch_stats': variables['batch_stats']}, x,
+                           train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.square(feats['layer4']))
+  hlo = jax.jit(jax.grad(loss)).lower(variables['params'], x).compile(
+  ).as_text()
+  entry = hlo[hlo.index('\nENTRY'):]
+  return max(len(m.group(1).split(','))
+             for m in re.finditer(r' fusion\(([^)]*)\)', entry))
+
+
+def test_residual_stream_is_computed_once_per_block(monkeypatch):
+  """XLA:CPU would rebuild the chain of earlier blocks' outputs inside each
+  block's fusion (ResNet-101's 23 layer3 blocks: work quadratic in depth);
+  `layers.computed_once` on each block's output stops it."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the duplication is XLA:CPU fusion')
+  assert _largest_fusion(101) < 25
+  # Without it, on this XLA, the chain is there (so the check above can
+  # fail): one fusion reads the outputs of every layer3 block.
+  monkeypatch.setattr(resnet, 'computed_once', lambda x: x)
+  assert _largest_fusion(101) > 60
