@@ -46,10 +46,9 @@ times the accelerator (torch on CUDA if available, with
 ``cudnn.benchmark`` unless ``--cudnn_benchmark 0``; the JAX worker then
 preallocates at most 45% of the device memory unless
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is set, leaving room for torch's). On the
-CPU the process first re-executes
-itself with flaxseg's glibc malloc settings, as ``train.py`` does
-(``flaxseg/cpu_malloc.py``); the workers inherit its environment, so torch
-runs with them too. ``FLAXSEG_CPU_MALLOC=0`` times both with glibc's
+CPU the process first re-executes itself with flaxseg's glibc malloc
+settings, as ``train.py`` does (``flaxseg/cpu_malloc.py``); the workers
+inherit its environment, so torch runs with them too. ``FLAXSEG_CPU_MALLOC=0`` times both with glibc's
 defaults.
 """
 
@@ -126,7 +125,7 @@ def _flops(jitted, *args):
   Counted before backend optimisation, so the count is the same program's
   on every device: on a GPU the compiled program's own ``cost_analysis``
   leaves out the convolutions XLA hands to cuDNN (it counted 34 of the
-  DeepLab v3-R50 training step's ~1,100 GFLOP at 8x513 on an H200), and a
+  DeepLab v3-R50 training step's 6,786 GFLOP at 8x513 on an H200), and a
   GPU's ``Lowered.cost_analysis`` is not implemented through the PJRT C
   API.
   """
@@ -261,8 +260,8 @@ def _worker(conn, framework, job):
   Replies ``('ready', info)`` once built and warmed up (the compile/warm-up
   run excluded), then one ``('time', seconds)`` per ``'run'`` message, and
   ``('done', info)`` with its peak RSS (and, on an accelerator, its peak
-  device memory) on ``'stop'``. An exception is sent
-  back as ``('error', traceback)``.
+  device memory) on ``'stop'``. An exception is sent back as ``('error',
+  traceback)``.
   """
   import traceback  # pylint: disable=g-import-not-at-top
   try:
