@@ -21,7 +21,6 @@ leave the subprocess a quarter of the device).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import memstats
 
 
 def build(name, batch, crop, remat, conv_impl=None, dtype='float32'):
@@ -80,13 +81,10 @@ def child(args):
                                          args.child_remat, args.dtype)
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics['loss'])
-  device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform != 'cpu' else None
-  if stats:
-    peak = stats.get('peak_bytes_in_use', 0) / 2**20
-  else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps({'peak_mb': peak, 'platform': device.platform}))
+  peak = memstats.jax_device_peak_mb()
+  if peak is None:
+    peak = memstats.peak_rss_mb()
+  print(json.dumps({'peak_mb': peak, 'platform': jax.devices()[0].platform}))
 
 
 def main():

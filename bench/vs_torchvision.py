@@ -61,6 +61,8 @@ import time
 
 import numpy as np
 
+import memstats
+
 # JAX is imported where it is used: the torch worker process (which imports
 # this module) then holds torch alone, and its peak RSS is torch's.
 
@@ -236,24 +238,6 @@ def _median_alternating(fns, repeats):
   return [statistics.median(t) for t in times]
 
 
-def _peak_rss_mb():
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _device_peak_mb(framework):
-  """Peak accelerator memory of this worker (MiB); None on the CPU."""
-  if framework == 'torch':
-    import torch  # pylint: disable=g-import-not-at-top
-    if torch.cuda.is_available():
-      return torch.cuda.max_memory_allocated() / 2**20
-    return None
-  import jax  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform != 'cpu' else None
-  return stats.get('peak_bytes_in_use', 0) / 2**20 if stats else None
-
-
 def _worker(conn, framework, job):
   """A worker process: builds one side of a row, then times it on request.
 
@@ -293,8 +277,10 @@ def _worker(conn, framework, job):
     while True:
       msg = conn.recv()
       if msg == 'stop':
-        conn.send(('done', {'rss_mb': _peak_rss_mb(),
-                            'device_mb': _device_peak_mb(framework)}))
+        device_mb = (memstats.torch_device_peak_mb() if framework == 'torch'
+                     else memstats.jax_device_peak_mb())
+        conn.send(('done', {'rss_mb': memstats.peak_rss_mb(),
+                            'device_mb': device_mb}))
         return
       t0 = time.perf_counter()
       run()

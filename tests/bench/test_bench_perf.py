@@ -90,6 +90,27 @@ def test_vs_torchvision_counts_flops_of_the_program_not_the_backend():
   assert vs_torchvision._flops(conv, x, w) == 2 * 2 * 8 * 10 * 27 * 5
 
 
+def test_memstats_reports_this_process():
+  """The shared peak-memory helpers: RSS on any machine; device memory only
+  on an accelerator (None on the CPU, where RSS is the figure)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  try:
+    import memstats  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(os.path.join(ROOT, 'bench'))
+  # A 64 MiB buffer touched by this process shows up in its peak RSS.
+  before = memstats.peak_rss_mb()
+  block = bytearray(64 * 2**20)
+  block[::4096] = b'x' * len(block[::4096])
+  assert memstats.peak_rss_mb() >= max(before, 64)
+  device_mb = memstats.jax_device_peak_mb()
+  if jax.devices()[0].platform == 'cpu':
+    assert device_mb is None
+  else:
+    assert device_mb is None or device_mb >= 0
+
+
 def test_compile_memory_runs(tmp_path):
   out = tmp_path / 'compile.json'
   _run('compile_memory.py', '--models=deeplabv3_resnet18', '--batch=1',
