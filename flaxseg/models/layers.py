@@ -494,12 +494,13 @@ def tap_product(x: Array, w: Array, precision=None, acc=jnp.float32) -> Array:
   The gradient is written out rather than left to autodiff for the kernel
   gradient ``x^T g``, which contracts the pixel axis that leads both
   operands. Left to itself, XLA:CPU feeds its matmul by writing the wider
-  of the two ``[pixels, channels]`` operands transposed, inside the fusion
-  that produces it (the BatchNorm backward pass), at a fraction of memory
-  speed; here the narrower one is transposed explicitly, and an
-  optimisation barrier keeps XLA from folding that transpose back into the
-  matmul. A ResNet bottleneck block's training step (layer3, 41x41, batch 4)
-  runs about 1.2x faster with it (BENCHMARKS.md).
+  operand transposed, inside the fusion that produces it (the BatchNorm
+  backward pass), at a fraction of memory speed. Here it is one rank-2
+  product contracting dimension 0 of both operands, which XLA:CPU's dot
+  takes as it stands: no transpose is written. (An explicit transpose of
+  the narrower operand behind an optimisation barrier, used before, beat
+  autodiff's form by 1.2x but costs 3-4% of a ResNet block's training step
+  against this one: BENCHMARKS.md.)
   """
   return _tap_forward(x, w, precision, acc)
 
@@ -519,14 +520,9 @@ def _tap_bwd(precision, acc, residuals, g):
   g = g.astype(x.dtype)
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
                            precision=precision, preferred_element_type=acc)
-  x2, g2 = x.reshape(-1, cin), g.reshape(-1, cout)
-  if cin <= cout:
-    xt = jax.lax.optimization_barrier(x2.T)
-    dw = jnp.matmul(xt, g2, precision=precision, preferred_element_type=acc)
-  else:
-    gt = jax.lax.optimization_barrier(g2.T)
-    dw = jnp.matmul(gt, x2, precision=precision,
-                    preferred_element_type=acc).T
+  dw = jax.lax.dot_general(x.reshape(-1, cin), g.reshape(-1, cout),
+                           (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=acc)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
