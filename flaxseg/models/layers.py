@@ -305,19 +305,22 @@ def computed_once(x: Array) -> Array:
   training step each layer3 block's output and ReLU-gradient fusion read
   the outputs of every earlier block (up to 123 operands), work quadratic
   in depth. A floating-point division is among the operations XLA's fusion
-  does not duplicate, so ``x / one``, with ``one`` a 1.0 that XLA cannot
-  fold away (computed at run time from ``x``'s first element), is stored
-  once and read by every consumer. Dividing by one is exact (NaN,
-  infinities and signed zeros included; subnormals XLA:CPU flushes to zero
-  in any arithmetic, the ReLU before it included) and so is its gradient;
-  ``one`` is 1.0 whatever that element holds. On other backends, whose
-  fusion weighs costs, it returns ``x``.
+  does not duplicate, so ``x / one`` is stored once and read by every
+  consumer. ``one`` is a full-shaped array of 1.0 that XLA cannot fold
+  away, ``1 + (x != x) * 0`` computed at run time: a scalar 1.0 broadcast
+  would not do, since XLA's algebraic simplifier turns division by a
+  broadcast into multiplication by its reciprocal, and a multiply it
+  duplicates (in ResNet-101's inference graph each layer3 block's output
+  fusion then read up to 141 operands). Dividing by one is exact (NaN,
+  infinities and signed zeros included, since ``(x != x) * 0`` is 0 for
+  every ``x``; subnormals XLA:CPU flushes to zero in any arithmetic, the
+  ReLU before it included) and so is its gradient. On other backends,
+  whose fusion weighs costs, it returns ``x``.
   """
   if jax.default_backend() != 'cpu' or x.size == 0:
     return x
-  probe = jax.lax.stop_gradient(x.reshape(-1)[:1])
-  one = 1 + (probe != probe).astype(x.dtype) * 0
-  return x / one[0]
+  nan = jax.lax.stop_gradient(x != x)
+  return x / (1 + nan.astype(x.dtype) * 0)
 
 
 #: ``conv_impl`` values: XLA's convolution; `MatmulConv` (per-tap matmuls,
