@@ -5,11 +5,28 @@ and ``compile_memory.py`` (the fresh-process peak of one training step).
 """
 
 import resource
+import sys
 
 
 def peak_rss_mb() -> float:
-  """Peak resident set size of this process (MiB; Linux ``ru_maxrss``)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """Peak resident set size of this process (MiB).
+
+  Linux: ``VmHWM`` from ``/proc/self/status``, the high-water mark of this
+  process's own address space. Not ``ru_maxrss``: Linux carries the
+  parent's resident size at fork/exec into a child's ``ru_maxrss``, so a
+  worker started by a large parent (``compile_memory.py --rss`` after it
+  compiled a few models) reported at least the parent's size. Elsewhere
+  ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
 
 
 def jax_device_peak_mb():

@@ -104,6 +104,14 @@ def test_memstats_reports_this_process():
   block = bytearray(64 * 2**20)
   block[::4096] = b'x' * len(block[::4096])
   assert memstats.peak_rss_mb() >= max(before, 64)
+  # A child started while this process holds it does not report it as its
+  # own (Linux's ru_maxrss of a fresh child would).
+  child = subprocess.run(
+      [sys.executable, '-c', 'import memstats; print(memstats.peak_rss_mb())'],
+      cwd=os.path.join(ROOT, 'bench'), capture_output=True, text=True,
+      check=True)
+  assert float(child.stdout) < memstats.peak_rss_mb() - 48, child.stdout
+  del block
   device_mb = memstats.jax_device_peak_mb()
   if jax.devices()[0].platform == 'cpu':
     assert device_mb is None
