@@ -3,6 +3,8 @@
   python bench/compile_memory.py                           # every model
   python bench/compile_memory.py --models deeplabv3_resnet101 --batch 4 \\
       --crop 321 --remat both --rss --json compile.json
+  python bench/compile_memory.py --models deeplabv3_resnet101_tv \\
+      --scan_blocks both                                  # scanned blocks
 
 For each model (21 classes, ``--dtype`` compute, SGD momentum) it lowers and
 compiles the jitted training step (``flaxseg.train.step.train_step``, state
@@ -10,12 +12,14 @@ donated) at ``--batch`` x ``--crop`` and prints the seconds of tracing +
 lowering and of XLA compilation, and XLA's memory analysis of the compiled
 step (arguments, outputs and temporaries: the buffers the step needs at its
 peak). With ``--remat both`` each model that takes ``remat`` is measured
-without and with rematerialisation of its residual blocks. With ``--rss`` the
-step is also run once in a fresh subprocess per case and its peak resident set
-size reported (``ru_maxrss``; on GPU/TPU the device's ``peak_bytes_in_use``
-instead; the script turns JAX's preallocation off,
-``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so that the parent's pool does not
-leave the subprocess a quarter of the device).
+without and with rematerialisation of its residual blocks, and with
+``--scan_blocks both`` each model that takes ``scan_blocks`` without and with
+its repeated ResNet blocks scanned (`flaxseg.models.resnet.ResNet`). With
+``--rss`` the step is also run once in a fresh subprocess per case and its
+peak resident set size reported (``VmHWM``, `memstats.peak_rss_mb`; on
+GPU/TPU the device's ``peak_bytes_in_use`` instead; the script turns JAX's
+preallocation off, ``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so that the
+parent's pool does not leave the subprocess a quarter of the device).
 """
 
 import argparse
@@ -33,11 +37,14 @@ import optax
 import memstats
 
 
-def build(name, batch, crop, remat, conv_impl=None, dtype='float32'):
+def build(name, batch, crop, remat, conv_impl=None, dtype='float32',
+          scan_blocks=False):
   from flaxseg import models  # pylint: disable=g-import-not-at-top
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
   kwargs = {'remat': True} if remat else {}
+  if scan_blocks:
+    kwargs['scan_blocks'] = True
   if dtype != 'float32':
     kwargs['dtype'] = dtype
   if conv_impl is not None:
@@ -55,15 +62,17 @@ def build(name, batch, crop, remat, conv_impl=None, dtype='float32'):
   return state, data, step
 
 
-def measure(name, batch, crop, remat, dtype='float32'):
+def measure(name, batch, crop, remat, dtype='float32', scan_blocks=False):
   """Compile times and XLA memory of one case (in this process)."""
-  state, data, step = build(name, batch, crop, remat, dtype=dtype)
+  state, data, step = build(name, batch, crop, remat, dtype=dtype,
+                            scan_blocks=scan_blocks)
   t0 = time.perf_counter()
   lowered = step.lower(state, data)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  row = {'model': name, 'remat': remat, 'dtype': dtype, 'batch': batch,
+  row = {'model': name, 'remat': remat, 'scan_blocks': scan_blocks,
+         'dtype': dtype, 'batch': batch,
          'crop': crop, 'lower_s': t1 - t0, 'compile_s': t2 - t1}
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -78,7 +87,8 @@ def measure(name, batch, crop, remat, dtype='float32'):
 def child(args):
   """Runs one step in this (fresh) process; prints its peak memory as JSON."""
   row, (state, data, compiled) = measure(args.models, args.batch, args.crop,
-                                         args.child_remat, args.dtype)
+                                         args.child_remat, args.dtype,
+                                         bool(args.child_scan))
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics['loss'])
   peak = memstats.jax_device_peak_mb()
@@ -101,6 +111,10 @@ def main():
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--crop', type=int, default=321)
   parser.add_argument('--remat', choices=('off', 'on', 'both'), default='off')
+  parser.add_argument('--scan_blocks', choices=('off', 'on', 'both'),
+                      default='off',
+                      help='scan over repeated ResNet blocks (models that '
+                      'take scan_blocks)')
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'),
                       help='computation dtype (parameters stay float32)')
@@ -109,6 +123,8 @@ def main():
                       'memory')
   parser.add_argument('--json', default='')
   parser.add_argument('--child_remat', type=int, default=-1,
+                      help=argparse.SUPPRESS)
+  parser.add_argument('--child_scan', type=int, default=0,
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child_remat >= 0:
@@ -123,25 +139,30 @@ def main():
   rows = []
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, batch '
         f'{args.batch}, crop {args.crop}, {args.dtype}')
-  print(f'{"model":26s} {"remat":5s} {"lower s":>8s} {"compile s":>9s} '
+  print(f'{"model":26s} {"remat":5s} {"scan":5s} {"lower s":>8s} '
+        f'{"compile s":>9s} '
         f'{"args MB":>8s} {"temp MB":>8s} {"peak MB":>8s}')
   for name in names:
-    takes_remat = 'remat' in models.accepted_kwargs(name)
-    cases = {'off': [False], 'on': [True], 'both': [False, True]}[args.remat]
-    for remat in cases:
-      if remat and not takes_remat:
-        continue
-      row, _ = measure(name, args.batch, args.crop, remat, args.dtype)
+    accepted = models.accepted_kwargs(name)
+    choices = {'off': [False], 'on': [True], 'both': [False, True]}
+    cases = [(remat, scan) for remat in choices[args.remat]
+             for scan in choices[args.scan_blocks]
+             if (not remat or 'remat' in accepted)
+             and (not scan or 'scan_blocks' in accepted)]
+    for remat, scan in cases:
+      row, _ = measure(name, args.batch, args.crop, remat, args.dtype, scan)
       if args.rss:
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f'--models={name}',
              f'--batch={args.batch}', f'--crop={args.crop}',
-             f'--dtype={args.dtype}', f'--child_remat={int(remat)}'],
+             f'--dtype={args.dtype}', f'--child_remat={int(remat)}',
+             f'--child_scan={int(scan)}'],
             capture_output=True, text=True, check=True)
         row.update(json.loads(done.stdout.strip().splitlines()[-1]))
       rows.append(row)
       peak = row.get('peak_mb')
-      print(f'{name:26s} {str(remat):5s} {row["lower_s"]:8.1f} '
+      print(f'{name:26s} {str(remat):5s} {str(scan):5s} '
+            f'{row["lower_s"]:8.1f} '
             f'{row["compile_s"]:9.1f} {row.get("argument_mb", 0):8.0f} '
             f'{row.get("temp_mb", 0):8.0f} '
             f'{"" if peak is None else f"{peak:8.0f}"}', flush=True)

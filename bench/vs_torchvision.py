@@ -35,7 +35,9 @@ accelerator, its peak device memory.
 It prints the median seconds of ``--repeats`` runs, images/s of each, and the
 ratio torch_time / jax_time (> 1: flaxseg is faster), plus the JAX compile
 time of each function. ``--conv_impl xla,matmul`` times flaxseg's two
-convolution implementations (``layers.MatmulConv``), each against torch.
+convolution implementations (``layers.MatmulConv``), each against torch;
+``--scan_blocks`` builds flaxseg's models with ``scan_blocks=True`` (repeated
+ResNet blocks as one ``jax.lax.scan``: less compile time, same parameters).
 With ``--flops`` it also reports the FLOPs XLA counts in each JAX function
 (`_flops`: the same count on every device), the FLOP/s achieved, and that as
 a fraction of the device's peak, measured in the same run as the best of a
@@ -76,7 +78,8 @@ def _shape(text):
   return int(b), int(s)
 
 
-def jax_fns(name, size, lr=0.01, conv_impl='auto', dtype='float32'):
+def jax_fns(name, size, lr=0.01, conv_impl='auto', dtype='float32',
+            scan_blocks=False):
   """``(model, fresh train state, the step module)`` for flaxseg's ``name``.
 
   ``dtype`` is the computation dtype; parameters stay float32.
@@ -87,7 +90,7 @@ def jax_fns(name, size, lr=0.01, conv_impl='auto', dtype='float32'):
   from flaxseg.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flaxseg.train import step as step_lib  # pylint: disable=g-import-not-at-top
   model = models.create_model(name, num_classes=21, conv_impl=conv_impl,
-                              dtype=dtype)
+                              dtype=dtype, scan_blocks=scan_blocks)
   state = state_lib.create_train_state(model, optax.sgd(lr, 0.9),
                                        jax.random.key(0), (1, size, size, 3))
   return model, state, step_lib
@@ -147,7 +150,8 @@ def _data(batch, size):
   return images, labels
 
 
-def jax_runner(name, kind, batch, size, conv_impl='auto', dtype='float32'):
+def jax_runner(name, kind, batch, size, conv_impl='auto', dtype='float32',
+               scan_blocks=False):
   """``(run, compile_s, count_flops)``: one timed JAX call for ``kind``.
 
   ``count_flops()`` returns XLA's FLOP count of the call (`_flops`).
@@ -156,7 +160,7 @@ def jax_runner(name, kind, batch, size, conv_impl='auto', dtype='float32'):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   images, labels = _data(batch, size)
   model, state, step_lib = jax_fns(name, size, conv_impl=conv_impl,
-                                   dtype=dtype)
+                                   dtype=dtype, scan_blocks=scan_blocks)
   x_j, y_j = jnp.asarray(images), jnp.asarray(labels)
   holder = {'state': state}
   if kind == 'train':
@@ -263,7 +267,7 @@ def _worker(conn, framework, job):
         os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
       run, info['compile_s'], count_flops = jax_runner(
           job['name'], job['kind'], job['batch'], job['size'],
-          job['conv_impl'], job['dtype'])
+          job['conv_impl'], job['dtype'], job['scan_blocks'])
       if job['flops']:
         info['flops'] = count_flops()
     else:
@@ -352,7 +356,7 @@ def _row_in_processes(job, repeats):
 def _row_in_process(job, repeats, tmodel):
   run_jax, compile_s, count_flops = jax_runner(
       job['name'], job['kind'], job['batch'], job['size'], job['conv_impl'],
-      job['dtype'])
+      job['dtype'], job['scan_blocks'])
   run_torch = torch_runner(job['name'], job['kind'], job['batch'],
                            job['size'], job['device'], tmodel, job['dtype'])
   run_jax()
@@ -364,7 +368,8 @@ def _row_in_process(job, repeats, tmodel):
 
 def bench_model(name, train_shapes, infer_shapes, repeats, device,
                 peak=None, conv_impl='auto', isolate='process', threads=1,
-                dtype='float32', cudnn_benchmark=False, on_row=None):
+                dtype='float32', cudnn_benchmark=False, on_row=None,
+                scan_blocks=False):
   """Times every shape of one model; returns the rows.
 
   ``peak``: the device's matmul FLOP/s in ``dtype`` (None: no FLOP report).
@@ -377,7 +382,7 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
       job = {'name': name, 'kind': kind, 'batch': batch, 'size': size,
              'conv_impl': conv_impl, 'device': device, 'threads': threads,
              'flops': bool(peak), 'dtype': dtype,
-             'cudnn_benchmark': cudnn_benchmark}
+             'cudnn_benchmark': cudnn_benchmark, 'scan_blocks': scan_blocks}
       if isolate == 'process':
         jax_s, torch_s, compile_s, flops, rss = _row_in_processes(job,
                                                                   repeats)
@@ -385,7 +390,8 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
         jax_s, torch_s, compile_s, flops, rss = _row_in_process(job, repeats,
                                                                 tmodel)
       row = {'model': name, 'conv_impl': conv_impl, 'dtype': dtype,
-             'kind': kind, 'batch': batch, 'size': size, 'isolate': isolate,
+             'scan_blocks': scan_blocks, 'kind': kind, 'batch': batch,
+             'size': size, 'isolate': isolate,
              'jax_s': jax_s, 'torch_s': torch_s,
              'jax_img_s': batch / jax_s, 'torch_img_s': batch / torch_s,
              'ratio': torch_s / jax_s, 'jax_compile_s': compile_s}
@@ -410,7 +416,8 @@ def bench_model(name, train_shapes, infer_shapes, repeats, device,
       rows.append(row)
       if on_row:
         on_row(row)
-      print(f'{name:24s} {conv_impl:6s} {dtype:8s} {kind:5s} '
+      print(f'{name:24s} {conv_impl:6s}{"+scan" if scan_blocks else ""} '
+            f'{dtype:8s} {kind:5s} '
             f'{batch:2d}x{size:<4d} '
             f'jax {jax_s:7.3f} s ({batch / jax_s:6.2f} img/s)  '
             f'torch {torch_s:7.3f} s ({batch / torch_s:6.2f} img/s)  '
@@ -446,6 +453,9 @@ def main():
                       help='computation dtypes to time, comma-separated: '
                       'float32, bfloat16 (flaxseg: the model\'s dtype, '
                       'float32 parameters; torch: autocast)')
+  parser.add_argument('--scan_blocks', action='store_true',
+                      help='flaxseg: scan over repeated ResNet blocks '
+                      '(resnet.ResNet.scan_blocks)')
   parser.add_argument('--cudnn_benchmark', type=int, default=1,
                       help='torch on CUDA: torch.backends.cudnn.benchmark '
                       '(1, as mmsegmentation\'s configs set it; XLA '
@@ -541,7 +551,8 @@ def main():
         bench_model(name, train, infer, args.repeats, device,
                     peaks.get(dtype), conv_impl=impl, isolate=args.isolate,
                     threads=args.threads, dtype=dtype,
-                    cudnn_benchmark=cudnn_benchmark, on_row=on_row)
+                    cudnn_benchmark=cudnn_benchmark, on_row=on_row,
+                    scan_blocks=args.scan_blocks)
   write()
 
 

@@ -75,6 +75,9 @@ class DeepLabV3(nn.Module):
     remat: rematerialise the backbone's residual blocks in the backward pass.
     conv_impl: convolution implementation, 'xla', 'matmul', 'taps' or 'auto'
       (`layers.conv_module`); the parameters are the same.
+    scan_blocks: scan over the backbone's repeated residual blocks
+      (`resnet.ResNet.scan_blocks`; same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
   """
   num_classes: int
   depth: int = 50
@@ -94,6 +97,7 @@ class DeepLabV3(nn.Module):
   align_corners: bool = False
   remat: bool = False
   conv_impl: str = 'xla'
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -125,7 +129,8 @@ class DeepLabV3(nn.Module):
     features = resnet.ResNet(
         depth=self.depth, base_width=self.base_width,
         output_stride=self.output_stride, multi_grid=self.multi_grid,
-        remat=self.remat, name='backbone', **bn)(x, train)
+        remat=self.remat, scan_blocks=self.scan_blocks, name='backbone',
+        **bn)(x, train)
     y = ASPP(rates=tuple(rates), width=self.aspp_width,
              dropout=self.aspp_dropout, name='aspp', **bn)(
                  features['layer4'], train)
@@ -180,7 +185,8 @@ def _build(depth: int, native_rates: Sequence[int], native_stride: int,
       bn_axis_name=args['bn_axis_name'], frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
       align_corners=bool(args['align_corners']), remat=bool(args['remat']),
-      conv_impl=resolve_conv_impl(args['conv_impl']))
+      conv_impl=resolve_conv_impl(args['conv_impl']),
+      scan_blocks=bool(args['scan_blocks']))
 
 
 _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
@@ -204,6 +210,9 @@ _PAPER_DOC = """DeepLab v3 on ResNet-{depth} with the paper settings.
     conv_impl: 'xla', 'matmul' (`MatmulConv`: per-tap matmuls, XLA's
       convolution where that is faster), 'taps' (per-tap matmuls only) or
       'auto' (matmul on CPU).
+    scan_blocks: run repeated residual blocks as one ``jax.lax.scan``
+      (`resnet.ResNet.scan_blocks`: same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
 
   Returns:
     A `DeepLabV3` module.
@@ -230,6 +239,9 @@ _TV_DOC = """torchvision's ``deeplabv3_resnet{depth}`` (same parameters).
     conv_impl: 'xla', 'matmul' (`MatmulConv`: per-tap matmuls, XLA's
       convolution where that is faster), 'taps' (per-tap matmuls only) or
       'auto' (matmul on CPU).
+    scan_blocks: run repeated residual blocks as one ``jax.lax.scan``
+      (`resnet.ResNet.scan_blocks`: same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
 
   Returns:
     A `DeepLabV3` module.
@@ -248,7 +260,8 @@ def _paper(depth):
                   aux_dropout: float = 0.1,
                   align_corners: bool = True,
                   remat: bool = False,
-                  conv_impl: str = 'auto') -> DeepLabV3:
+                  conv_impl: str = 'auto',
+                  scan_blocks: bool = False) -> DeepLabV3:
     return _build(depth, PAPER_RATES_OS16, 16, False, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'deeplabv3_resnet{depth}'
   constructor.__doc__ = _PAPER_DOC.format(depth=depth)
@@ -267,7 +280,8 @@ def _torchvision(depth):
                   aux_dropout: float = 0.1,
                   align_corners: bool = False,
                   remat: bool = False,
-                  conv_impl: str = 'auto') -> DeepLabV3:
+                  conv_impl: str = 'auto',
+                  scan_blocks: bool = False) -> DeepLabV3:
     return _build(depth, TV_RATES_OS8, 8, True, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (
       f'deeplabv3_resnet{depth}_tv')

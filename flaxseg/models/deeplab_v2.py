@@ -174,6 +174,9 @@ class DeepLabV2(nn.Module):
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of every bilinear resize (True: Caffe's
       ``Interp`` layer).
+    scan_blocks: scan over the backbone's repeated residual blocks
+      (`resnet.ResNet.scan_blocks`; same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
   """
   num_classes: int
   backbone: str = 'resnet'
@@ -191,6 +194,7 @@ class DeepLabV2(nn.Module):
   frozen_bn: bool = True
   dtype: Any = jnp.float32
   align_corners: bool = True
+  scan_blocks: bool = False
 
   def _features(self, dtype) -> nn.Module:
     """The backbone module; its last feature map feeds the branches."""
@@ -199,7 +203,7 @@ class DeepLabV2(nn.Module):
           depth=self.depth, base_width=self.base_width,
           output_stride=self.output_stride, bn_momentum=self.bn_momentum,
           bn_axis_name=self.bn_axis_name, frozen_bn=self.frozen_bn,
-          dtype=dtype, name='backbone')
+          dtype=dtype, scan_blocks=self.scan_blocks, name='backbone')
     if self.backbone == 'vgg16':
       return vgg.VGG16(style='deeplab', width_multiplier=self.width_multiplier,
                        pool5a=self.pool5a, include_fc=False, dtype=dtype,
@@ -328,7 +332,8 @@ def _build(backbone: str, args: Dict[str, Any]) -> DeepLabV2:
   if backbone == 'resnet':
     resnet.validate_config(101, output_stride, None, args['base_width'])
     return DeepLabV2(backbone='resnet', depth=101,
-                     base_width=args['base_width'], **common)
+                     base_width=args['base_width'],
+                     scan_blocks=bool(args['scan_blocks']), **common)
   if output_stride != NATIVE_STRIDE:
     raise ValueError(f'output_stride={output_stride!r} is not supported by '
                      'the VGG-16 DeepLab form (pool4/pool5 stride 1); '
@@ -349,7 +354,8 @@ def deeplabv2_resnet101(*, num_classes: int, dtype: Any = 'float32',
                         bn_momentum: float = 0.9,
                         bn_axis_name: Optional[str] = None,
                         frozen_bn: bool = True, base_width: int = 64,
-                        align_corners: bool = True) -> DeepLabV2:
+                        align_corners: bool = True,
+                        scan_blocks: bool = False) -> DeepLabV2:
   """DeepLab v2 on ResNet-101 (sec. 3.3, 4.1; 44,048,532 params, 21 classes).
 
   Args:
@@ -365,6 +371,9 @@ def deeplabv2_resnet101(*, num_classes: int, dtype: Any = 'float32',
     frozen_bn: freeze every BatchNorm (the Caffe model's fine-tuning).
     base_width: ResNet stem width (shrink for tiny models).
     align_corners: corner convention of the resizes (True: Caffe).
+    scan_blocks: run repeated residual blocks as one ``jax.lax.scan``
+      (`resnet.ResNet.scan_blocks`: same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
 
   Returns:
     A `DeepLabV2` module.

@@ -128,6 +128,9 @@ class DeepLabV3Plus(nn.Module):
     frozen_bn: use `FrozenBatchNorm` for every BatchNorm of the model.
     dtype: computation dtype; parameters stay float32, logits are float32.
     align_corners: corner convention of both bilinear upsamplings.
+    scan_blocks: scan over the backbone's repeated residual blocks
+      (`resnet.ResNet.scan_blocks`; same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
   """
   num_classes: int
   depth: int = 101
@@ -146,6 +149,7 @@ class DeepLabV3Plus(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   align_corners: bool = True
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -174,7 +178,7 @@ class DeepLabV3Plus(nn.Module):
     features = resnet.ResNet(
         depth=self.depth, base_width=self.base_width,
         output_stride=self.output_stride, multi_grid=self.multi_grid,
-        name='backbone', **bn)(x, train)
+        scan_blocks=self.scan_blocks, name='backbone', **bn)(x, train)
     y = ASPP(rates=tuple(rates), width=self.aspp_width,
              dropout=self.aspp_dropout, name='aspp', **bn)(
                  features['layer4'], train)
@@ -237,7 +241,8 @@ def _build(depth: int, args: Dict[str, Any]) -> DeepLabV3Plus:
       bn_momentum=args['bn_momentum'], bn_axis_name=args['bn_axis_name'],
       frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
-      align_corners=bool(args['align_corners']))
+      align_corners=bool(args['align_corners']),
+      scan_blocks=bool(args['scan_blocks']))
 
 
 _DOC = """DeepLab v3+ on ResNet-{depth} with the paper settings.
@@ -260,6 +265,9 @@ _DOC = """DeepLab v3+ on ResNet-{depth} with the paper settings.
     aux: add an FCN auxiliary head on layer3 (not in the paper).
     aux_dropout: dropout rate of the auxiliary head.
     align_corners: upsampling convention (True: TF DeepLab).
+    scan_blocks: run repeated residual blocks as one ``jax.lax.scan``
+      (`resnet.ResNet.scan_blocks`: same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
 
   Returns:
     A `DeepLabV3Plus` module.
@@ -280,7 +288,8 @@ def _paper(depth):
                   bn_axis_name: Optional[str] = None, frozen_bn: bool = False,
                   base_width: int = 64, aux: bool = False,
                   aux_dropout: float = 0.1,
-                  align_corners: bool = True) -> DeepLabV3Plus:
+                  align_corners: bool = True,
+                  scan_blocks: bool = False) -> DeepLabV3Plus:
     return _build(depth, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = (
       f'deeplabv3plus_resnet{depth}')

@@ -90,6 +90,9 @@ class FCNResNet(nn.Module):
     align_corners: corner convention of the final bilinear upsampling.
     conv_impl: convolution implementation, 'xla', 'matmul', 'taps' or 'auto'
       (`layers.conv_module`); the parameters are the same.
+    scan_blocks: scan over the backbone's repeated residual blocks
+      (`resnet.ResNet.scan_blocks`; same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
   """
   num_classes: int
   depth: int = 50
@@ -104,6 +107,7 @@ class FCNResNet(nn.Module):
   dtype: Any = jnp.float32
   align_corners: bool = False
   conv_impl: str = 'xla'
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False
@@ -132,7 +136,8 @@ class FCNResNet(nn.Module):
         depth=self.depth, base_width=self.base_width,
         output_stride=self.output_stride, bn_momentum=self.bn_momentum,
         bn_axis_name=self.bn_axis_name, frozen_bn=self.frozen_bn, dtype=dtype,
-        conv_impl=self.conv_impl, name='backbone')(x, train)
+        conv_impl=self.conv_impl, scan_blocks=self.scan_blocks,
+        name='backbone')(x, train)
     logits = head(features['layer4'], prefix='head',
                   classifier_name='classifier', dropout=self.dropout)
     logits = resize_bilinear(logits.astype(output_dtype(dtype)), size,
@@ -169,7 +174,8 @@ def _build(depth: int, args: Dict[str, Any]) -> FCNResNet:
       frozen_bn=bool(args['frozen_bn']),
       dtype=canonicalize_dtype(args['dtype']),
       align_corners=bool(args['align_corners']),
-      conv_impl=resolve_conv_impl(args['conv_impl']))
+      conv_impl=resolve_conv_impl(args['conv_impl']),
+      scan_blocks=bool(args['scan_blocks']))
 
 
 _DOC = """torchvision's ``fcn_resnet{depth}`` (same parameters).
@@ -187,6 +193,9 @@ _DOC = """torchvision's ``fcn_resnet{depth}`` (same parameters).
     aux_dropout: dropout rate of the auxiliary head (torchvision 0.1).
     align_corners: upsampling convention (False: torchvision).
     conv_impl: 'xla', 'matmul', 'taps' or 'auto' (`layers.CONV_IMPLS`).
+    scan_blocks: run repeated residual blocks as one ``jax.lax.scan``
+      (`resnet.ResNet.scan_blocks`: same parameters and results; for
+      TPU/GPU compile time, much slower on XLA:CPU).
 
   Returns:
     An `FCNResNet` module.
@@ -203,7 +212,8 @@ def _torchvision(depth):
                   base_width: int = 64, aux: bool = False,
                   dropout: float = 0.1, aux_dropout: float = 0.1,
                   align_corners: bool = False,
-                  conv_impl: str = 'auto') -> FCNResNet:
+                  conv_impl: str = 'auto',
+                  scan_blocks: bool = False) -> FCNResNet:
     return _build(depth, dict(locals()))
   constructor.__name__ = constructor.__qualname__ = f'fcn_resnet{depth}_tv'
   constructor.__doc__ = _DOC.format(depth=depth)

@@ -17,6 +17,7 @@ every layer4 block, first included, by unit rates such as (1, 2, 4).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -213,6 +214,18 @@ class ResNet(nn.Module):
     conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, per-tap matmuls,
       faster on XLA:CPU), 'taps' (per-tap matmuls only) or 'auto' (matmul on
       CPU only); same parameters.
+    scan_blocks: run each run of identical consecutive blocks of a stage
+      (same stride and dilation, no projection: 22 of ResNet-101's 23 layer3
+      blocks) as one ``jax.lax.scan`` over their stacked variables, so that
+      XLA traces and compiles one block body instead of each (see
+      `run_plan`), the scan-over-layers that TPU/GPU codebases use against
+      compile time. Parameter names and values do not change
+      (``layer3_block{i}`` stays): checkpoints and imported weights load
+      either way, and the outputs and gradients are the same. Off by
+      default: on XLA:CPU it compiles slower and trains many times slower
+      (the loop body's backward convolutions are left in a non-canonical
+      form that XLA:CPU computes with its generic loop; BENCHMARKS.md), so
+      it warns there; on TPU/GPU it is not yet measured.
   """
   depth: int = 50
   base_width: int = 64
@@ -224,6 +237,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = 'xla'
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
@@ -262,13 +276,105 @@ class ResNet(nn.Module):
     for stage, blocks in enumerate(plan):
       planes = self.base_width * 2**stage
       out_channels = planes * block_cls.expansion
-      for i, (stride, dilation) in enumerate(blocks):
-        # torchvision: a projection whenever the first block changes shape;
-        # it stays even where dilation has replaced the stride.
-        downsample = i == 0 and (stride != 1 or in_channels != out_channels)
-        x = block(planes, stride=stride, dilation=dilation,
-                  downsample=downsample, conv=conv, norm=norm,
-                  name=f'layer{stage + 1}_block{i}')(x, train)
+      # Blocks are created one by one when initialising, so that every block
+      # has its own variables under its torchvision name whatever
+      # `scan_blocks` says.
+      scan = self.scan_blocks and not self.is_initializing()
+      if scan and stage == 0 and jax.default_backend() == 'cpu':
+        warnings.warn(CPU_SCAN_WARNING, RuntimeWarning, stacklevel=2)
+      for first, count, downsample in run_plan(blocks, in_channels,
+                                               out_channels, scan):
+        stride, dilation = blocks[first]
+        names = [f'layer{stage + 1}_block{i}'
+                 for i in range(first, first + count)]
+        if count == 1:
+          x = block(planes, stride=stride, dilation=dilation,
+                    downsample=downsample, conv=conv, norm=norm,
+                    name=names[0])(x, train)
+        else:
+          x = self._scanned(block_cls(planes, stride=stride,
+                                      dilation=dilation, conv=conv,
+                                      norm=norm, parent=None),
+                            names, x, train)
         in_channels = out_channels
       features[f'layer{stage + 1}'] = x
     return features
+
+  def _scanned(self, block: nn.Module, names: Sequence[str], x: Array,
+               train: bool) -> Array:
+    """Applies the unbound `block` with each of `names`' variables in turn.
+
+    The blocks' variables (every collection that holds them) are stacked on
+    a new leading axis and ``jax.lax.scan`` carries the activations through
+    them; updated BatchNorm statistics are unstacked and written back under
+    each block's own name. Gradients reach each block's parameters through
+    the stack.
+    """
+    variables = self.variables
+    missing = [n for n in names if n not in variables.get('params', {})]
+    if missing:
+      raise ValueError(f'ResNet {self.name!r} has no parameters for blocks '
+                       f'{missing} (scan_blocks=True stacks them)')
+    per_block = [{col: tree[name] for col, tree in variables.items()
+                  if name in tree} for name in names]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+    mutable = [col for col in stacked if col != 'params'
+               and self.is_mutable_collection(col)]
+
+    def body(h, block_vars):
+      if not mutable:
+        return block.apply(block_vars, h, train), None
+      return block.apply(block_vars, h, train, mutable=mutable)
+
+    if self.remat:
+      # As `nn.remat` on each block; inside a scan, CSE across iterations is
+      # not a risk (jax.checkpoint's documentation).
+      body = jax.checkpoint(body, prevent_cse=False)
+    x, updates = jax.lax.scan(body, x, stacked)
+    for col in mutable:
+      for i, name in enumerate(names):
+        self.put_variable(col, name,
+                          jax.tree.map(lambda a, i=i: a[i], updates[col]))
+    return x
+
+
+CPU_SCAN_WARNING = (
+    'ResNet scan_blocks=True on XLA:CPU: the scanned training step compiles '
+    'about 2x and runs up to ~18x slower than the unrolled one (the loop '
+    "body's backward convolutions miss XLA:CPU's fast path; BENCHMARKS.md, "
+    '"Scanning the repeated blocks"). It is meant for TPU/GPU.')
+
+
+def run_plan(blocks: Sequence[Tuple[int, int]], in_channels: int,
+             out_channels: int, scan: bool) -> List[Tuple[int, int, bool]]:
+  """Splits a stage's blocks into runs computed at once.
+
+  Without `scan` every block is its own run. With it, a run is a maximal
+  sequence of consecutive blocks of the same ``(stride, dilation)`` that
+  includes no projection shortcut: such blocks have the same variable shapes
+  and compute the same function of them, so one scan body serves them all.
+  A block with a projection shortcut stays alone: torchvision gives the
+  first block of a stage one whenever it changes the shape, and keeps it
+  where dilation has replaced the stride.
+
+  Args:
+    blocks: the stage's ``(stride, dilation)`` pairs (`block_plan`).
+    in_channels: channels entering the stage.
+    out_channels: channels every block of the stage outputs.
+    scan: whether runs of more than one block are wanted.
+
+  Returns:
+    ``(first block index, number of blocks, projection shortcut)`` for each
+    run, covering the stage in order.
+  """
+  runs = []
+  i = 0
+  while i < len(blocks):
+    projects = i == 0 and (blocks[0][0] != 1 or in_channels != out_channels)
+    count = 1
+    if scan and not projects:
+      while i + count < len(blocks) and blocks[i + count] == blocks[i]:
+        count += 1
+    runs.append((i, count, projects))
+    i += count
+  return runs

@@ -28,7 +28,7 @@ CONFIG_FILE = 'config.json'
 
 #: ``config.model`` keys that change how a model is computed, not its
 #: parameters or function: a checkpoint restores whatever they are.
-COMPUTE_ONLY_KEYS = ('remat', 'conv_impl')
+COMPUTE_ONLY_KEYS = ('remat', 'conv_impl', 'scan_blocks')
 
 
 def log(msg: str) -> None:
@@ -167,9 +167,9 @@ def initial_state(config, model) -> TrainState:
 
 def run_meta(config) -> Dict[str, Any]:
   """What a checkpoint records about the run that wrote it."""
-  # init_from / backbone_init only say where step 0 came from, and remat
-  # only how gradients are computed: not part of the model, so a run resumes
-  # (or is evaluated) whatever they say.
+  # init_from / backbone_init only say where step 0 came from, and the
+  # COMPUTE_ONLY_KEYS only how the same function is computed: not part of the
+  # model, so a run resumes (or is evaluated) whatever they say.
   model = {k: v for k, v in config.model.to_dict().items()
            if k not in warm_start.KEYS and k not in COMPUTE_ONLY_KEYS}
   return {

@@ -31,13 +31,14 @@ def test_vs_torchvision_runs(tmp_path):
   out = tmp_path / 'tv.json'
   stdout = _run('vs_torchvision.py', '--models=fcn_resnet50_tv',
                 '--train=1x33', '--infer=1x33', '--repeats=1', '--flops',
-                '--peak_size=256', '--conv_impl=matmul',
+                '--peak_size=256', '--conv_impl=matmul', '--scan_blocks',
                 f'--json={out}')
   result = json.loads(out.read_text())
   rows = result['rows']
   assert result['isolate'] == 'process'
-  assert [(r['kind'], r['batch'], r['size'], r['conv_impl']) for r in rows] == [
-      ('train', 1, 33, 'matmul'), ('infer', 1, 33, 'matmul')]
+  assert [(r['kind'], r['batch'], r['size'], r['conv_impl'], r['scan_blocks'])
+          for r in rows] == [('train', 1, 33, 'matmul', True),
+                             ('infer', 1, 33, 'matmul', True)]
   for r in rows:
     assert r['jax_s'] > 0 and r['torch_s'] > 0 and r['jax_gflop'] > 0
     assert 0 < r['fraction_of_peak'] < 5
@@ -122,12 +123,13 @@ def test_memstats_reports_this_process():
 def test_compile_memory_runs(tmp_path):
   out = tmp_path / 'compile.json'
   _run('compile_memory.py', '--models=deeplabv3_resnet18', '--batch=1',
-       '--crop=17', '--remat=both', '--rss', '--dtype=bfloat16',
-       f'--json={out}')
+       '--crop=17', '--remat=both', '--scan_blocks=both', '--rss',
+       '--dtype=bfloat16', f'--json={out}')
   rows = json.loads(out.read_text())['rows']
-  cases = [(r['model'], r['remat'], r['dtype']) for r in rows]
-  assert cases == [('deeplabv3_resnet18', False, 'bfloat16'),
-                   ('deeplabv3_resnet18', True, 'bfloat16')]
+  cases = [(r['model'], r['remat'], r['scan_blocks'], r['dtype'])
+           for r in rows]
+  assert cases == [('deeplabv3_resnet18', remat, scan, 'bfloat16')
+                   for remat in (False, True) for scan in (False, True)]
   for r in rows:
     assert r['compile_s'] > 0 and r['temp_mb'] > 0 and r['peak_mb'] > 0
 

@@ -212,3 +212,95 @@ def test_residual_stream_is_computed_once_per_block(monkeypatch):
   monkeypatch.setattr(resnet, 'computed_once', lambda x: x)
   assert _largest_fusion(101) > 60
   assert _largest_fusion(101, train=False) > 60
+
+
+@pytest.mark.parametrize('depth,output_stride,multi_grid,runs', [
+    # ResNet-101 at OS 8: each stage's projection block alone, then one run
+    # of all the identical blocks after it (layer3: 22 of 23).
+    (101, 8, None, [[(0, 1, True), (1, 2, False)],
+                    [(0, 1, True), (1, 3, False)],
+                    [(0, 1, True), (1, 22, False)],
+                    [(0, 1, True), (1, 2, False)]]),
+    # Multi-grid gives every layer4 block its own rate: nothing to scan.
+    (50, 16, (1, 2, 4), [[(0, 1, True), (1, 2, False)],
+                         [(0, 1, True), (1, 3, False)],
+                         [(0, 1, True), (1, 5, False)],
+                         [(0, 1, True), (1, 1, False), (2, 1, False)]]),
+    # ResNet-18's layer1 keeps its shape: no projection, one run of two.
+    (18, 32, None, [[(0, 2, False)]] + [[(0, 1, True), (1, 1, False)]] * 3),
+])
+def test_run_plan(depth, output_stride, multi_grid, runs):
+  stages = resnet.block_plan(depth, output_stride, multi_grid)
+  expansion = 4 if resnet.is_bottleneck(depth) else 1
+  got, in_channels = [], 64
+  for s, blocks in enumerate(stages):
+    out_channels = 64 * 2**s * expansion
+    got.append(resnet.run_plan(blocks, in_channels, out_channels, scan=True))
+    in_channels = out_channels
+  assert got == runs
+  # Without scanning, every block is its own run.
+  assert [[c for _, c, _ in resnet.run_plan(blocks, 1, 2, scan=False)]
+          for blocks in stages] == [[1] * len(b) for b in stages]
+
+
+def _scan_results(scan, remat=False, depth=50, output_stride=8):
+  """Init variables, eval features, updated BatchNorm statistics, loss and
+  parameter gradients of a tiny ResNet, with or without `scan_blocks`."""
+  model = resnet.ResNet(depth=depth, base_width=4, output_stride=output_stride,
+                        scan_blocks=scan, remat=remat)
+  x = jax.random.normal(jax.random.key(1), (2, 33, 33, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+
+  def loss(params):
+    feats, updates = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x,
+        train=True, mutable=['batch_stats'])
+    return jnp.mean(jnp.square(feats['layer4'])), updates
+
+  (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      variables['params'])
+  features = jax.jit(lambda v: model.apply(v, x))(variables)
+  jaxpr = str(jax.make_jaxpr(loss)(variables['params']))
+  return variables, features, updates, value, grads, jaxpr
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_blocks_keeps_names_outputs_statistics_and_gradients(remat):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v0, f0, u0, l0, g0, jaxpr0 = _scan_results(False, remat)
+  if jax.default_backend() == 'cpu':
+    with pytest.warns(RuntimeWarning, match='scan_blocks=True on XLA:CPU'):
+      v1, f1, u1, l1, g1, jaxpr1 = _scan_results(True, remat)
+  else:
+    v1, f1, u1, l1, g1, jaxpr1 = _scan_results(True, remat)
+  # Same variables under the same names (created block by block).
+  assert jax.tree.structure(v0) == jax.tree.structure(v1)
+  jax.tree.map(np.testing.assert_array_equal, v0, v1)
+  # ResNet-50 at OS 8: layer1..layer4 each scan the blocks after the first.
+  assert 'scan' not in jaxpr0
+  assert jaxpr1.count('scan[') == 4
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  jax.tree.map(close, f0, f1)
+  # Every block's running statistics are updated, under its own name.
+  assert jax.tree.structure(u0) == jax.tree.structure(u1)
+  jax.tree.map(close, u0, u1)
+  assert not np.allclose(u1['batch_stats']['layer3_block4']['bn2']['mean'],
+                         v1['batch_stats']['layer3_block4']['bn2']['mean'])
+  close(l0, l1)
+  # Gradients are sums over pixels that XLA may order differently in a loop
+  # body: compared at 1e-5 of each tensor's largest entry.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g0, g1)
+  assert float(jnp.abs(g1['layer3_block5']['conv2']['kernel']).max()) > 0
+
+
+@pytest.mark.filterwarnings('ignore:ResNet scan_blocks')
+def test_scan_blocks_without_parameters_names_the_blocks():
+  model = resnet.ResNet(depth=18, base_width=4, scan_blocks=True)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  params = dict(variables['params'])
+  del params['layer1_block1']
+  with pytest.raises(ValueError, match=r"\['layer1_block1'\]"):
+    jax.eval_shape(lambda v: model.apply(v, x),
+                   {'params': params, 'batch_stats': variables['batch_stats']})

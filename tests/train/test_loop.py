@@ -268,6 +268,24 @@ def test_checkpoint_of_other_model_is_refused(full_run, tmp_path):
   assert _listing(os.path.join(full_dir, 'checkpoints')) == before
 
 
+@pytest.mark.filterwarnings('ignore:ResNet scan_blocks')
+def test_compute_only_keys_restore_and_compute_the_same(full_run):
+  """A checkpoint written without ``scan_blocks``/``remat`` is evaluated
+  with them (they are `builders.COMPUTE_ONLY_KEYS`), and the scanned,
+  rematerialised model predicts what the plain one did."""
+  config, workdir, result = full_run
+  other = tiny_config()
+  other.data.root = config.data.root
+  other.model.scan_blocks = True
+  other.model.remat = True
+  confusion = np.asarray(loop.evaluate_checkpoint(other, workdir)['confusion'])
+  expected = np.asarray(result['scores']['confusion'])
+  assert confusion.sum() == expected.sum()
+  # Same function; XLA may order the sums of the scanned blocks differently,
+  # so allow an argmax tie to flip on a few pixels in a thousand at most.
+  assert np.abs(confusion - expected).sum() / 2 <= 1e-3 * expected.sum()
+
+
 def test_evaluate_checkpoint_matches_training_eval(full_run):
   config, workdir, result = full_run
   scores = loop.evaluate_checkpoint(config, workdir)
