@@ -14,7 +14,9 @@ step (arguments, outputs and temporaries: the buffers the step needs at its
 peak). With ``--remat both`` each model that takes ``remat`` is measured
 without and with rematerialisation of its residual blocks, and with
 ``--scan_blocks both`` each model that takes ``scan_blocks`` without and with
-its repeated ResNet blocks scanned (`flaxseg.models.resnet.ResNet`). With
+its repeated ResNet blocks scanned (`flaxseg.models.resnet.ResNet`);
+``--conv_impl xla`` builds the models that take ``conv_impl`` with XLA's
+convolutions instead of their default (``auto``: per-tap matmuls on CPU). With
 ``--rss`` the step is also run once in a fresh subprocess per case and its
 peak resident set size reported (``VmHWM``, `memstats.peak_rss_mb`; on
 GPU/TPU the device's ``peak_bytes_in_use`` instead; the script turns JAX's
@@ -62,17 +64,18 @@ def build(name, batch, crop, remat, conv_impl=None, dtype='float32',
   return state, data, step
 
 
-def measure(name, batch, crop, remat, dtype='float32', scan_blocks=False):
+def measure(name, batch, crop, remat, dtype='float32', scan_blocks=False,
+            conv_impl=None):
   """Compile times and XLA memory of one case (in this process)."""
-  state, data, step = build(name, batch, crop, remat, dtype=dtype,
-                            scan_blocks=scan_blocks)
+  state, data, step = build(name, batch, crop, remat, conv_impl=conv_impl,
+                            dtype=dtype, scan_blocks=scan_blocks)
   t0 = time.perf_counter()
   lowered = step.lower(state, data)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
   row = {'model': name, 'remat': remat, 'scan_blocks': scan_blocks,
-         'dtype': dtype, 'batch': batch,
+         'conv_impl': conv_impl, 'dtype': dtype, 'batch': batch,
          'crop': crop, 'lower_s': t1 - t0, 'compile_s': t2 - t1}
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -88,7 +91,8 @@ def child(args):
   """Runs one step in this (fresh) process; prints its peak memory as JSON."""
   row, (state, data, compiled) = measure(args.models, args.batch, args.crop,
                                          args.child_remat, args.dtype,
-                                         bool(args.child_scan))
+                                         bool(args.child_scan),
+                                         args.conv_impl or None)
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics['loss'])
   peak = memstats.jax_device_peak_mb()
@@ -115,6 +119,11 @@ def main():
                       default='off',
                       help='scan over repeated ResNet blocks (models that '
                       'take scan_blocks)')
+  parser.add_argument('--conv_impl', default='',
+                      choices=('', 'auto', 'xla', 'matmul', 'taps'),
+                      help='convolution implementation of the models that '
+                      'take conv_impl (layers.CONV_IMPLS; default: the '
+                      'model\'s own, auto)')
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'),
                       help='computation dtype (parameters stay float32)')
@@ -138,7 +147,8 @@ def main():
     parser.error(f'unknown models {unknown}')
   rows = []
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, batch '
-        f'{args.batch}, crop {args.crop}, {args.dtype}')
+        f'{args.batch}, crop {args.crop}, {args.dtype}, conv_impl '
+        f'{args.conv_impl or "(model default)"}')
   print(f'{"model":26s} {"remat":5s} {"scan":5s} {"lower s":>8s} '
         f'{"compile s":>9s} '
         f'{"args MB":>8s} {"temp MB":>8s} {"peak MB":>8s}')
@@ -149,14 +159,16 @@ def main():
              for scan in choices[args.scan_blocks]
              if (not remat or 'remat' in accepted)
              and (not scan or 'scan_blocks' in accepted)]
+    impl = (args.conv_impl or None) if 'conv_impl' in accepted else None
     for remat, scan in cases:
-      row, _ = measure(name, args.batch, args.crop, remat, args.dtype, scan)
+      row, _ = measure(name, args.batch, args.crop, remat, args.dtype, scan,
+                       impl)
       if args.rss:
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f'--models={name}',
              f'--batch={args.batch}', f'--crop={args.crop}',
              f'--dtype={args.dtype}', f'--child_remat={int(remat)}',
-             f'--child_scan={int(scan)}'],
+             f'--child_scan={int(scan)}', f'--conv_impl={impl or ""}'],
             capture_output=True, text=True, check=True)
         row.update(json.loads(done.stdout.strip().splitlines()[-1]))
       rows.append(row)

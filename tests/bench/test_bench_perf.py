@@ -124,13 +124,14 @@ def test_compile_memory_runs(tmp_path):
   out = tmp_path / 'compile.json'
   _run('compile_memory.py', '--models=deeplabv3_resnet18', '--batch=1',
        '--crop=17', '--remat=both', '--scan_blocks=both', '--rss',
-       '--dtype=bfloat16', f'--json={out}')
+       '--dtype=bfloat16', '--conv_impl=xla', f'--json={out}')
   rows = json.loads(out.read_text())['rows']
   cases = [(r['model'], r['remat'], r['scan_blocks'], r['dtype'])
            for r in rows]
   assert cases == [('deeplabv3_resnet18', remat, scan, 'bfloat16')
                    for remat in (False, True) for scan in (False, True)]
   for r in rows:
+    assert r['conv_impl'] == 'xla'
     assert r['compile_s'] > 0 and r['temp_mb'] > 0 and r['peak_mb'] > 0
 
 
