@@ -174,3 +174,35 @@ def test_soak_runs(tmp_path):
   assert kill['signal'] == 'SIGTERM' and kill['returncode'] == 0
   assert kill['steps_lost'] == 0 and kill['resumed_at'] >= kill['last_logged']
   assert result['memory']['rss_mb_peak'] > 0
+
+
+def _device_check(tmp_path, *args, budget=None):
+  env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / 'out'))
+  if budget is not None:
+    env['DEVICE_CHECK_BUDGET'] = str(budget)
+  return subprocess.run(
+      ['bash', os.path.join(ROOT, 'bench', 'device_check.sh'), *args],
+      capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_device_check_runs_its_steps_at_toy_sizes(tmp_path):
+  """The prepared accelerator run (bench/device_check.sh) at ``--tiny``
+  sizes: each step it runs writes its log and JSON under $OUT. (Its other
+  steps' command lines are those of the tests above.)"""
+  proc = _device_check(tmp_path, '--tiny', '--steps', 'env,scan')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'ran env:0 scan:0; skipped nothing' in proc.stdout
+  out = tmp_path / 'out'
+  assert 'jax' in (out / 'env.log').read_text()
+  rows = json.loads((out / 'scan_r101.json').read_text())['rows']
+  assert [(r['model'], r['scan_blocks']) for r in rows] == [
+      ('deeplabv3_resnet18', True)]
+  assert not (out / 'bf16_r50.json').exists()
+
+
+def test_device_check_skips_what_its_budget_cannot_fit(tmp_path):
+  proc = _device_check(tmp_path, '--tiny', budget=10)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'ran nothing; skipped env bf16 remat scan scan_step' in proc.stdout
+  bad = _device_check(tmp_path, '--no-such-flag')
+  assert bad.returncode == 2 and '--no-such-flag' in bad.stderr
