@@ -109,6 +109,7 @@ def main():
   # Before any backend starts (inherited by the --rss subprocesses): on an
   # accelerator each process takes only what it uses.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  from flaxseg.models.layers import CONV_IMPLS  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='',
                       help='comma-separated (default: every registered model)')
@@ -120,7 +121,7 @@ def main():
                       help='scan over repeated ResNet blocks (models that '
                       'take scan_blocks)')
   parser.add_argument('--conv_impl', default='',
-                      choices=('', 'auto', 'xla', 'matmul', 'taps'),
+                      choices=('',) + CONV_IMPLS,
                       help='convolution implementation of the models that '
                       'take conv_impl (layers.CONV_IMPLS; default: the '
                       'model\'s own, auto)')
@@ -152,9 +153,9 @@ def main():
   print(f'{"model":26s} {"remat":5s} {"scan":5s} {"lower s":>8s} '
         f'{"compile s":>9s} '
         f'{"args MB":>8s} {"temp MB":>8s} {"peak MB":>8s}')
+  choices = {'off': [False], 'on': [True], 'both': [False, True]}
   for name in names:
     accepted = models.accepted_kwargs(name)
-    choices = {'off': [False], 'on': [True], 'both': [False, True]}
     cases = [(remat, scan) for remat in choices[args.remat]
              for scan in choices[args.scan_blocks]
              if (not remat or 'remat' in accepted)

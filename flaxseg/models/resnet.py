@@ -273,15 +273,15 @@ class ResNet(nn.Module):
 
     in_channels = self.base_width
     plan = block_plan(self.depth, self.output_stride, self.multi_grid)
+    # Blocks are created one by one when initialising, so that every block
+    # has its own variables under its torchvision name whatever
+    # `scan_blocks` says.
+    scan = self.scan_blocks and not self.is_initializing()
+    if scan and jax.default_backend() == 'cpu':
+      warnings.warn(CPU_SCAN_WARNING, RuntimeWarning, stacklevel=2)
     for stage, blocks in enumerate(plan):
       planes = self.base_width * 2**stage
       out_channels = planes * block_cls.expansion
-      # Blocks are created one by one when initialising, so that every block
-      # has its own variables under its torchvision name whatever
-      # `scan_blocks` says.
-      scan = self.scan_blocks and not self.is_initializing()
-      if scan and stage == 0 and jax.default_backend() == 'cpu':
-        warnings.warn(CPU_SCAN_WARNING, RuntimeWarning, stacklevel=2)
       for first, count, downsample in run_plan(blocks, in_channels,
                                                out_channels, scan):
         stride, dilation = blocks[first]
