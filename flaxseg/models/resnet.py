@@ -225,7 +225,9 @@ class ResNet(nn.Module):
       default: on XLA:CPU it compiles slower and trains many times slower
       (the loop body's backward convolutions are left in a non-canonical
       form that XLA:CPU computes with its generic loop; BENCHMARKS.md), so
-      it warns there; on TPU/GPU it is not yet measured.
+      a training apply (``train=True``) warns there; inference applies run
+      about as fast as unrolled and do not warn. On TPU/GPU it is not yet
+      measured.
   """
   depth: int = 50
   base_width: int = 64
@@ -277,7 +279,10 @@ class ResNet(nn.Module):
     # has its own variables under its torchvision name whatever
     # `scan_blocks` says.
     scan = self.scan_blocks and not self.is_initializing()
-    if scan and jax.default_backend() == 'cpu':
+    # Only training applies warn: on XLA:CPU the scanned forward pass runs
+    # about as fast as the unrolled one (BENCHMARKS.md); the slow part is
+    # the backward pass of the training step.
+    if scan and train and jax.default_backend() == 'cpu':
       warnings.warn(CPU_SCAN_WARNING, RuntimeWarning, stacklevel=2)
     for stage, blocks in enumerate(plan):
       planes = self.base_width * 2**stage

@@ -5,6 +5,7 @@ even ResNet-101 costs no compute.
 """
 
 import contextlib
+import warnings
 
 import flax.linen as nn
 import jax
@@ -293,6 +294,20 @@ def test_scan_blocks_keeps_names_outputs_statistics_and_gradients(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g0, g1)
   assert float(jnp.abs(g1['layer3_block5']['conv2']['kernel']).max()) > 0
+
+
+def test_scan_blocks_warns_on_cpu_for_training_applies_only():
+  model = resnet.ResNet(depth=18, base_width=4, scan_blocks=True)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    jax.eval_shape(lambda v: model.apply(v, x), variables)  # train=False
+  warns = (pytest.warns(RuntimeWarning, match='scan_blocks=True on XLA:CPU')
+           if jax.default_backend() == 'cpu' else contextlib.nullcontext())
+  with warns:
+    jax.eval_shape(lambda v: model.apply(v, x, train=True,
+                                         mutable=['batch_stats']), variables)
 
 
 @pytest.mark.filterwarnings('ignore:ResNet scan_blocks')

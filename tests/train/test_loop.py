@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -268,7 +269,6 @@ def test_checkpoint_of_other_model_is_refused(full_run, tmp_path):
   assert _listing(os.path.join(full_dir, 'checkpoints')) == before
 
 
-@pytest.mark.filterwarnings('ignore:ResNet scan_blocks')
 def test_compute_only_keys_restore_and_compute_the_same(full_run):
   """A checkpoint written without ``scan_blocks``/``remat`` is evaluated
   with them (they are `builders.COMPUTE_ONLY_KEYS`), and the scanned,
@@ -278,7 +278,11 @@ def test_compute_only_keys_restore_and_compute_the_same(full_run):
   other.data.root = config.data.root
   other.model.scan_blocks = True
   other.model.remat = True
-  confusion = np.asarray(loop.evaluate_checkpoint(other, workdir)['confusion'])
+  with warnings.catch_warnings():
+    # Evaluation applies with train=False: no CPU scan warning.
+    warnings.filterwarnings('error', message='ResNet scan_blocks')
+    confusion = np.asarray(
+        loop.evaluate_checkpoint(other, workdir)['confusion'])
   expected = np.asarray(result['scores']['confusion'])
   assert confusion.sum() == expected.sum()
   # Same function; XLA may order the sums of the scanned blocks differently,
