@@ -17,11 +17,13 @@ without and with rematerialisation of its residual blocks, and with
 its repeated ResNet blocks scanned (`flaxseg.models.resnet.ResNet`);
 ``--conv_impl xla`` builds the models that take ``conv_impl`` with XLA's
 convolutions instead of their default (``auto``: per-tap matmuls on CPU). With
-``--rss`` the step is also run once in a fresh subprocess per case and its
-peak resident set size reported (``VmHWM``, `memstats.peak_rss_mb`; on
-GPU/TPU the device's ``peak_bytes_in_use`` instead; the script turns JAX's
-preallocation off, ``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so that the
-parent's pool does not leave the subprocess a quarter of the device).
+``--rss`` each case is measured in a fresh subprocess instead, which also
+runs the step once and reports the process's peak resident set size
+(``VmHWM``, `memstats.peak_rss_mb`, compile included; on GPU/TPU the
+device's ``peak_bytes_in_use`` instead; the script turns JAX's preallocation
+off, ``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so that the parent's pool does
+not leave the subprocess a quarter of the device). Each step is compiled
+once either way.
 """
 
 import argparse
@@ -88,7 +90,8 @@ def measure(name, batch, crop, remat, dtype='float32', scan_blocks=False,
 
 
 def child(args):
-  """Runs one step in this (fresh) process; prints its peak memory as JSON."""
+  """Measures one case in this (fresh) process and runs its step once;
+  prints the row with the process's peak memory as JSON."""
   row, (state, data, compiled) = measure(args.models, args.batch, args.crop,
                                          args.child_remat, args.dtype,
                                          bool(args.child_scan),
@@ -98,7 +101,8 @@ def child(args):
   peak = memstats.jax_device_peak_mb()
   if peak is None:
     peak = memstats.peak_rss_mb()
-  print(json.dumps({'peak_mb': peak, 'platform': jax.devices()[0].platform}))
+  row.update({'peak_mb': peak, 'platform': jax.devices()[0].platform})
+  print(json.dumps(row))
 
 
 def main():
@@ -162,16 +166,23 @@ def main():
              and (not scan or 'scan_blocks' in accepted)]
     impl = (args.conv_impl or None) if 'conv_impl' in accepted else None
     for remat, scan in cases:
-      row, _ = measure(name, args.batch, args.crop, remat, args.dtype, scan,
-                       impl)
       if args.rss:
+        # The whole case in the fresh process (its peak counts the compile,
+        # as a training run's does): each step compiled once, not twice.
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f'--models={name}',
              f'--batch={args.batch}', f'--crop={args.crop}',
              f'--dtype={args.dtype}', f'--child_remat={int(remat)}',
              f'--child_scan={int(scan)}', f'--conv_impl={impl or ""}'],
-            capture_output=True, text=True, check=True)
-        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            capture_output=True, text=True, check=False)
+        if done.returncode:
+          sys.exit(f'compile_memory: the case {name} remat={remat} '
+                   f'scan_blocks={scan} failed (exit {done.returncode}):\n'
+                   f'{done.stderr[-3000:]}')
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+      else:
+        row, _ = measure(name, args.batch, args.crop, remat, args.dtype,
+                         scan, impl)
       rows.append(row)
       peak = row.get('peak_mb')
       print(f'{name:26s} {str(remat):5s} {str(scan):5s} '
