@@ -25,7 +25,8 @@
 #   remat   device memory and compile time of the R101 training step at
 #           8x513, without and with remat (XLA:CPU drops remat; GPU keeps it)
 #   scan    the same with scan_blocks (compile time: slower on XLA:CPU)
-#   tests   the bf16-tracks-float32 and remat/scan equality tests, on the GPU
+#   tests   the bf16-tracks-float32 and remat/scan equality tests (ResNet,
+#           DeepLab v3, CRF-as-RNN), on the GPU
 #   scan_step  R101 training step time with scan_blocks against torch
 #
 # `--tiny` runs the same steps at toy sizes on any machine (what the test
@@ -117,9 +118,10 @@ step scan 90 "$PY" bench/compile_memory.py --models "$CM_MODEL" \
   --json "$OUT/scan_r101.json"
 if [[ $TINY == 0 ]]; then
   # Compiled as users compile (the suite's fast-compile flag is for XLA:CPU).
-  FLAXSEG_TEST_FAST_COMPILE=0 step tests 90 "$PY" -m pytest -q \
+  FLAXSEG_TEST_FAST_COMPILE=0 step tests 120 "$PY" -m pytest -v \
     -p no:cacheprovider tests/train/test_step.py \
-    tests/models/test_resnet.py -k "bf16 or scan or remat"
+    tests/models/test_resnet.py tests/models/test_deeplab.py \
+    tests/crf/test_rnn.py -k "bf16 or scan or remat"
 fi
 step scan_step 150 "$PY" bench/vs_torchvision.py --models "$R101" \
   --train "$TV_SHAPE" --infer= --scan_blocks --repeats "$REPEATS" \
