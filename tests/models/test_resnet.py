@@ -301,7 +301,7 @@ def test_scan_blocks_warns_on_cpu_for_training_applies_only():
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   with warnings.catch_warnings():
-    warnings.simplefilter('error')
+    warnings.filterwarnings('error', message='ResNet scan_blocks')
     jax.eval_shape(lambda v: model.apply(v, x), variables)  # train=False
   warns = (pytest.warns(RuntimeWarning, match='scan_blocks=True on XLA:CPU')
            if jax.default_backend() == 'cpu' else contextlib.nullcontext())
