@@ -386,7 +386,11 @@ def recompute_in_backward(fn):
   recomputation reads `x` plus zero times one element of the output
   cotangent: it cannot be computed before the backward pass reaches the
   block, nor merged with the forward. Gradients reach `params` and `x`;
-  `others` (BatchNorm statistics) and `aux` (their updates) get none.
+  `others` (BatchNorm statistics) and `aux` (their updates) get none. (If
+  that cotangent element is not finite, the block's whole gradient is NaN;
+  the step's gradient is not finite then either way.) Forward-mode
+  differentiation (``jax.jvp``) is not supported, as for any
+  ``jax.custom_vjp``.
   """
 
   @jax.custom_vjp
