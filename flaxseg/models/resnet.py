@@ -263,9 +263,6 @@ class ResNet(nn.Module):
     norm = make_norm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                      frozen=self.frozen_bn, dtype=dtype)
     block_cls = Bottleneck if is_bottleneck(self.depth) else BasicBlock
-    # Blocks are created one by one when initialising; with `remat` they are
-    # then applied through `_recomputed`.
-    recompute = self.remat and not self.is_initializing()
 
     features = {}
     x = conv(self.base_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
@@ -278,8 +275,10 @@ class ResNet(nn.Module):
     plan = block_plan(self.depth, self.output_stride, self.multi_grid)
     # Blocks are created one by one when initialising, so that every block
     # has its own variables under its torchvision name whatever
-    # `scan_blocks` says.
+    # `scan_blocks` and `remat` say; afterwards scanned runs and
+    # rematerialised blocks are applied unbound with those variables.
     scan = self.scan_blocks and not self.is_initializing()
+    recompute = self.remat and not self.is_initializing()
     # Only training applies warn: on XLA:CPU the scanned forward pass runs
     # about as fast as the unrolled one (BENCHMARKS.md); the slow part is
     # the backward pass of the training step.
@@ -293,21 +292,15 @@ class ResNet(nn.Module):
         stride, dilation = blocks[first]
         names = [f'layer{stage + 1}_block{i}'
                  for i in range(first, first + count)]
-        if count == 1 and recompute:
-          x = self._recomputed(block_cls(planes, stride=stride,
-                                         dilation=dilation,
-                                         downsample=downsample, conv=conv,
-                                         norm=norm, parent=None),
-                               names[0], x, train)
-        elif count == 1:
-          x = block_cls(planes, stride=stride, dilation=dilation,
-                        downsample=downsample, conv=conv, norm=norm,
-                        name=names[0])(x, train)
+        make = functools.partial(block_cls, planes, stride=stride,
+                                 dilation=dilation, downsample=downsample,
+                                 conv=conv, norm=norm)
+        if count > 1:
+          x = self._scanned(make(parent=None), names, x, train)
+        elif recompute:
+          x = self._recomputed(make(parent=None), names[0], x, train)
         else:
-          x = self._scanned(block_cls(planes, stride=stride,
-                                      dilation=dilation, conv=conv,
-                                      norm=norm, parent=None),
-                            names, x, train)
+          x = make(name=names[0])(x, train)
         in_channels = out_channels
       features[f'layer{stage + 1}'] = x
     return features
@@ -335,9 +328,7 @@ class ResNet(nn.Module):
     others = {col: v for col, v in block_vars.items() if col != 'params'}
 
     def fn(p, o, h):
-      if not mutable:
-        return block.apply({'params': p, **o}, h, train), {}
-      return block.apply({'params': p, **o}, h, train, mutable=mutable)
+      return _apply_unbound(block, {'params': p, **o}, h, train, mutable)
 
     x, updates = recompute_in_backward(fn)(params, others, x)
     for col in mutable:
@@ -358,9 +349,7 @@ class ResNet(nn.Module):
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
 
     def body(h, block_vars):
-      if not mutable:
-        return block.apply(block_vars, h, train), None
-      return block.apply(block_vars, h, train, mutable=mutable)
+      return _apply_unbound(block, block_vars, h, train, mutable)
 
     if self.remat:
       # As `nn.remat` on each block; inside a scan, CSE across iterations is
@@ -372,6 +361,14 @@ class ResNet(nn.Module):
         self.put_variable(col, name,
                           jax.tree.map(lambda a, i=i: a[i], updates[col]))
     return x
+
+
+def _apply_unbound(block: nn.Module, variables, x: Array, train: bool,
+                   mutable: Sequence[str]):
+  """`(output, updated mutable collections)` of the unbound `block`."""
+  if not mutable:
+    return block.apply(variables, x, train), {}
+  return block.apply(variables, x, train, mutable=mutable)
 
 
 def recompute_in_backward(fn):
